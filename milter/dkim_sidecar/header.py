@@ -1,0 +1,150 @@
+"""Header fields as exact bytes: splitting, selection for h=, From and DKIM-Signature parsing.
+
+Pure functions over bytes (RFC 5322 §2.2, RFC 6376 §5.4). A field is kept exactly as it came
+(`Name:value` with its folds and final CRLF); nothing is rebuilt from name and value.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+from .keys import KeyLoadError, check_dns_name
+
+CRLF = b"\r\n"
+_WSP = b" \t"
+
+
+class HeaderField(NamedTuple):
+    """One header field: lowercase name (for matching) and the raw field bytes, CRLF-ended."""
+
+    name: str
+    raw: bytes
+
+
+def make_field(name: bytes, value: bytes) -> HeaderField:
+    """Join a name and a value exactly as the MTA gave them (value with its leading space)."""
+    return HeaderField(name.decode("ascii", "replace").rstrip(" \t").lower(), name + b":" + value + CRLF)
+
+
+def split_message(message: bytes) -> tuple[list[HeaderField], bytes]:
+    """Split a CRLF message into header fields and body (RFC 5322 §2.1).
+
+    A line that is neither a field nor a continuation ends the header (as the MTA would treat
+    it, it belongs to the body then).
+    """
+    fields: list[HeaderField] = []
+    pos = 0
+    n = len(message)
+    while pos < n:
+        if message.startswith(CRLF, pos):
+            return fields, message[pos + 2 :]
+        end = message.find(CRLF, pos)
+        end = n if end < 0 else end + 2
+        line = message[pos:end]
+        if line[:1] in (b" ", b"\t") and fields:
+            last = fields[-1]
+            fields[-1] = HeaderField(last.name, last.raw + line)
+        else:
+            colon = line.find(b":")
+            if colon <= 0:
+                return fields, message[pos:]
+            raw = line if line.endswith(CRLF) else line + CRLF
+            fields.append(HeaderField(raw[:colon].decode("ascii", "replace").rstrip(" \t").lower(), raw))
+        pos = end
+    return fields, b""
+
+
+def select_headers(
+    fields: Sequence[HeaderField], sign: Iterable[str], oversign: frozenset[str]
+) -> tuple[list[str], list[bytes]]:
+    """Choose the fields to sign: the h= names and the raw fields in hash order.
+
+    RFC 6376 §5.4.2: a name listed n times takes the n last instances, bottom-up. Each name
+    in `sign` is listed once per instance present; an oversigned name once more, so that a
+    field added later (or added where none was) breaks the signature (§8.15).
+    """
+    by_name: dict[str, list[bytes]] = {}
+    for f in fields:
+        by_name.setdefault(f.name, []).append(f.raw)
+    names: list[str] = []
+    chosen: list[bytes] = []
+    for name in sign:
+        present = by_name.get(name, ())
+        for raw in reversed(present):
+            names.append(name)
+            chosen.append(raw)
+        if name in oversign:
+            names.append(name)  # a null string to the hash (§5.4.2): signs absence
+    return names, chosen
+
+
+def field_value(raw: bytes) -> bytes:
+    """The value of a raw field: after the colon, unfolded, WSP trimmed."""
+    value = raw.partition(b":")[2]
+    return value.replace(CRLF, b"").strip(_WSP)
+
+
+class FromResult(NamedTuple):
+    """The author domain (RFC 5322 §3.6.2), or why there is none: one of `no_from`,
+    `multiple_from`, `bad_from`."""
+
+    domain: str | None
+    reason: str | None
+
+
+def from_domain(fields: Sequence[HeaderField]) -> FromResult:
+    """The domain of the From field, for a DMARC-aligned d= (RFC 7489 §3.1)."""
+    froms = [f for f in fields if f.name == "from"]
+    if not froms:
+        return FromResult(None, "no_from")
+    if len(froms) > 1:
+        return FromResult(None, "multiple_from")  # RFC 5322 §3.6: exactly one From
+    text = field_value(froms[0].raw).decode("utf-8", "surrogateescape")
+    domains = {address_domain(addr) for _, addr in email.utils.getaddresses([text])}
+    domains.discard(None)
+    if len(domains) != 1:
+        return FromResult(None, "bad_from")
+    return FromResult(domains.pop(), None)
+
+
+def address_domain(address: str) -> str | None:
+    """The checked, lowercase A-label domain of an address, or None."""
+    local, at, domain = address.strip().strip("<>").rpartition("@")
+    if not at or not local or not domain:
+        return None
+    try:
+        return check_dns_name(domain.strip().strip("[]"))
+    except (KeyLoadError, UnicodeError):
+        return None
+
+
+_TAG = re.compile(rb"^\s*([A-Za-z][A-Za-z0-9_]*)\s*=(.*)$", re.S)
+
+
+def parse_tags(value: bytes) -> dict[str, bytes]:
+    """A tag=value list (RFC 6376 §3.2), values unfolded and trimmed; invalid tags skipped."""
+    tags: dict[str, bytes] = {}
+    for part in value.split(b";"):
+        m = _TAG.match(part)
+        if m:
+            tags.setdefault(m.group(1).decode("ascii"), b"".join(m.group(2).split(CRLF)).strip())
+    return tags
+
+
+def signed_domains(fields: Sequence[HeaderField]) -> set[str]:
+    """d= of each DKIM-Signature that looks complete (v=1, a=, b=, bh=, d=, s=)."""
+    out: set[str] = set()
+    for f in fields:
+        if f.name != "dkim-signature":
+            continue
+        tags = parse_tags(field_value(f.raw))
+        if tags.get("v") != b"1" or not all(tags.get(t) for t in ("a", "b", "bh", "d", "s")):
+            continue
+        try:
+            out.add(check_dns_name(tags["d"].decode("ascii")))
+        except (KeyLoadError, UnicodeError):
+            continue
+    return out

@@ -1,0 +1,177 @@
+"""DKIM signing keys: parsing, checking, signing, the DNS record. Pure: no I/O.
+
+Error texts never carry key material: they say what is wrong with the key, not what it holds.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import re
+from dataclasses import dataclass, field
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
+
+PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+
+RSA_MIN_BITS = 1024  # RFC 8301 §3.2: signers MUST use at least 1024 bits
+RSA_MAX_BITS = 4096  # RFC 8301 §3.2: verifiers need only handle up to 4096 bits
+
+_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
+
+
+class KeyLoadError(ValueError):
+    """A key that cannot be used; the text says why, never what the key holds."""
+
+
+class Algorithm(enum.Enum):
+    """The a= tag (RFC 6376 §3.3, RFC 8463 §3)."""
+
+    RSA_SHA256 = "rsa-sha256"
+    ED25519_SHA256 = "ed25519-sha256"
+
+    @property
+    def key_type(self) -> str:
+        """The k= tag of the DNS record."""
+        return "rsa" if self is Algorithm.RSA_SHA256 else "ed25519"
+
+
+def check_dns_name(name: str, what: str = "domain") -> str:
+    """Lowercase and check a domain or selector (RFC 6376 §3.1: dot-separated labels).
+
+    Underscores are allowed: selectors and some domains use them. U-labels are turned into
+    A-labels (RFC 5890) so that d= is plain ASCII.
+    """
+    text = name.strip().rstrip(".").lower()
+    if not text.isascii():
+        try:
+            text = text.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise KeyLoadError(f"{name!r} is not a valid {what} name") from None
+    labels = text.split(".")
+    if not text or len(text) > 253 or not all(_LABEL.match(label) for label in labels):
+        raise KeyLoadError(f"{name!r} is not a valid {what} name")
+    return text
+
+
+def parse_private_key(data: bytes) -> PrivateKey:
+    """Read an RSA or Ed25519 private key.
+
+    Accepts PEM PKCS#8 (`BEGIN PRIVATE KEY`, what Mailcow generates), PEM PKCS#1
+    (`BEGIN RSA PRIVATE KEY`, what Mailcow stores for imported keys), LF or CRLF line ends,
+    and the bare base64 Ed25519 seed of RFC 8463 and dkimpy.
+    """
+    text = data.strip()
+    if not text:
+        raise KeyLoadError("the key is empty")
+    if text.startswith(b"-----BEGIN"):
+        if b"ENCRYPTED" in text.split(b"\n", 1)[0]:
+            raise KeyLoadError("the key is encrypted with a passphrase; an unencrypted key is needed")
+        try:
+            key = serialization.load_pem_private_key(text.replace(b"\r\n", b"\n"), password=None)
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            raise KeyLoadError("not a readable PEM private key (PKCS#8 or PKCS#1 expected)") from None
+    else:
+        try:
+            raw = base64.b64decode(b"".join(text.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise KeyLoadError("neither a PEM private key nor a base64 Ed25519 seed") from None
+        if len(raw) != 32:
+            raise KeyLoadError(
+                f"base64 data of {len(raw)} bytes is not an Ed25519 seed (32 bytes expected)"
+            )
+        key = ed25519.Ed25519PrivateKey.from_private_bytes(raw)
+    if isinstance(key, rsa.RSAPrivateKey):
+        bits = key.key_size
+        if bits < RSA_MIN_BITS:
+            raise KeyLoadError(
+                f"RSA key of {bits} bits is too small (at least {RSA_MIN_BITS}, RFC 8301 §3.2)"
+            )
+        if bits > RSA_MAX_BITS:
+            raise KeyLoadError(
+                f"RSA key of {bits} bits is too large: verifiers need only handle up to "
+                f"{RSA_MAX_BITS} bits (RFC 8301 §3.2)"
+            )
+        return key
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return key
+    raise KeyLoadError(f"unsupported key type {type(key).__name__} (RSA or Ed25519 expected)")
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    """A private key bound to its domain and selector: what one DKIM signature needs."""
+
+    domain: str
+    selector: str
+    key: PrivateKey = field(repr=False, compare=False)
+    source: str = "inline"
+
+    @classmethod
+    def load(cls, domain: str, selector: str, data: bytes, source: str = "inline") -> SigningKey:
+        """Check names and parse the key; KeyLoadError names domain and selector, never the key."""
+        try:
+            d = check_dns_name(domain, "domain")
+            s = check_dns_name(selector, "selector")
+            return cls(d, s, parse_private_key(data), source)
+        except KeyLoadError as exc:
+            raise KeyLoadError(f"{selector}._domainkey.{domain} ({source}): {exc}") from None
+
+    @property
+    def algorithm(self) -> Algorithm:
+        if isinstance(self.key, rsa.RSAPrivateKey):
+            return Algorithm.RSA_SHA256
+        return Algorithm.ED25519_SHA256
+
+    @property
+    def bits(self) -> int:
+        if isinstance(self.key, rsa.RSAPrivateKey):
+            return self.key.key_size
+        return 256
+
+    def sign_digest(self, digest: bytes) -> bytes:
+        """Sign a SHA-256 digest of the canonical header data.
+
+        rsa-sha256: RSASSA-PKCS1-v1_5 over SHA-256 (RFC 6376 §3.3.1).
+        ed25519-sha256: PureEdDSA over the 32-byte SHA-256 digest itself (RFC 8463 §3).
+        """
+        if isinstance(self.key, rsa.RSAPrivateKey):
+            return self.key.sign(digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+        return self.key.sign(digest)
+
+    def public_key_b64(self) -> str:
+        """The p= value: SubjectPublicKeyInfo for RSA (RFC 6376 §3.6.1), the raw 32-byte
+        public key for Ed25519 (RFC 8463 §4.2)."""
+        pub = self.key.public_key()
+        if isinstance(pub, ed25519.Ed25519PublicKey):
+            raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        else:
+            raw = pub.public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        return base64.b64encode(raw).decode("ascii")
+
+    @property
+    def dns_name(self) -> str:
+        return f"{self.selector}._domainkey.{self.domain}"
+
+    def dns_record(self) -> str:
+        """The TXT record to publish at dns_name (RFC 6376 §3.6.1)."""
+        return f"v=DKIM1; k={self.algorithm.key_type}; p={self.public_key_b64()}"
+
+
+def generate_key(algorithm: Algorithm, bits: int = 2048) -> bytes:
+    """A new private key as PEM PKCS#8 (for the demo and the key tool)."""
+    key: PrivateKey
+    if algorithm is Algorithm.RSA_SHA256:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    else:
+        key = ed25519.Ed25519PrivateKey.generate()
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )

@@ -1,0 +1,122 @@
+"""DKIM signing of one message, RFC 6376 §5 and RFC 8463: streaming body, then headers.
+
+No I/O: the caller streams the body in with `update()` and hands over the header fields with
+`sign()`; what comes back is the DKIM-Signature fields to prepend, exact bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .canon import CRLF, BodyHasher, Canon, Canonicalization, canon_header
+from .header import HeaderField, select_headers
+from .keys import SigningKey
+
+FIELD_NAME = b"DKIM-Signature"
+_WIDTH = 78  # RFC 5322 §2.1.1: lines SHOULD stay under 78 characters
+_FOLD = b"\r\n\t"
+
+
+@dataclass(frozen=True)
+class SigningPolicy:
+    """What every signature of a deployment shares (built once per config, not per message)."""
+
+    canonicalization: Canonicalization
+    sign_headers: tuple[str, ...]
+    oversign_headers: frozenset[str] = frozenset()
+    expire_after: int | None = None
+
+    def __post_init__(self) -> None:
+        if "from" not in self.sign_headers:
+            raise ValueError("sign_headers must include From (RFC 6376 §5.4)")
+
+
+def fold_tags(tags: Sequence[tuple[str, str]], first_line: int) -> bytes:
+    """Lay `tag=value;` items out in lines under _WIDTH, folding only between items and, inside
+    h=, after a colon (RFC 6376 §3.5 allows FWS there). `first_line` is what precedes on line 1."""
+    out: list[str] = []
+    col = first_line
+    for i, (tag, value) in enumerate(tags):
+        last = i == len(tags) - 1
+        pieces = value.split(":") if tag == "h" else [value]
+        item = [f"{tag}={pieces[0]}"] + pieces[1:]
+        for j, piece in enumerate(item):
+            text = piece if j == 0 else ":" + piece
+            if j == len(item) - 1 and not last:
+                text += ";"
+            sep = "" if not out else (" " if j == 0 else "")
+            if out and col + len(sep) + len(text) > _WIDTH:
+                out.append("\r\n\t")
+                col = 8  # a tab counts as up to 8 columns
+                sep = ""
+            out.append(sep + text)
+            col += len(sep) + len(text)
+    return "".join(out).encode("ascii")
+
+
+def fold_b64(value: bytes, col: int) -> bytes:
+    """Fold a base64 b= value (FWS may go anywhere in it, RFC 6376 §3.5)."""
+    first = max(_WIDTH - col, 8)
+    parts = [value[:first]]
+    rest = value[first:]
+    step = _WIDTH - 8
+    parts.extend(rest[i : i + step] for i in range(0, len(rest), step))
+    return _FOLD.join(parts)
+
+
+class MessageSigner:
+    """Signs one message with one or more keys (dual signing: RSA and Ed25519, RFC 8463 §1).
+
+    All keys share one body hash: both algorithms hash with SHA-256 under the same c=.
+    """
+
+    __slots__ = ("_body", "_keys", "_now", "_policy")
+
+    def __init__(self, keys: Sequence[SigningKey], policy: SigningPolicy, now: int) -> None:
+        if not keys:
+            raise ValueError("no signing keys")
+        self._keys = tuple(keys)
+        self._policy = policy
+        self._now = now
+        self._body = BodyHasher(policy.canonicalization.body)
+
+    def update(self, chunk: bytes) -> None:
+        """Stream body bytes in (CRLF line ends), in chunks of any size and split."""
+        self._body.update(chunk)
+
+    def sign(self, fields: Sequence[HeaderField]) -> list[bytes]:
+        """The DKIM-Signature fields (each `DKIM-Signature: ...` + CRLF), one per key, in key
+        order; prepend them to the header, first one topmost."""
+        policy = self._policy
+        hcanon = policy.canonicalization.header
+        bh = base64.b64encode(self._body.digest()).decode("ascii")
+        names, chosen = select_headers(fields, policy.sign_headers, policy.oversign_headers)
+        # RFC 6376 §3.7: the selected fields in h= order, then the signature field itself
+        signed = b"".join(canon_header(hcanon, raw) for raw in chosen)
+        out = []
+        for key in self._keys:
+            tags = [
+                ("v", "1"),
+                ("a", key.algorithm.value),
+                ("c", str(policy.canonicalization)),
+                ("d", key.domain),
+                ("s", key.selector),
+                ("t", str(self._now)),
+            ]
+            if policy.expire_after is not None:
+                tags.append(("x", str(self._now + policy.expire_after)))
+            tags += [("h", ":".join(names)), ("bh", bh), ("b", "")]
+            head = FIELD_NAME + b": " + fold_tags(tags, len(FIELD_NAME) + 2)
+            # §3.7: the field as it will stand with b= empty, canonicalized, no final CRLF
+            digest = hashlib.sha256(signed + _canon_without_crlf(hcanon, head)).digest()
+            b = base64.b64encode(key.sign_digest(digest))
+            col = len(head) - head.rfind(b"\n") - 1 + 7  # the tab is wider than one column
+            out.append(head + fold_b64(b, col) + CRLF)
+        return out
+
+
+def _canon_without_crlf(canon: Canon, field: bytes) -> bytes:
+    return canon_header(canon, field + CRLF)[:-2]
