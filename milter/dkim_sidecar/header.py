@@ -26,7 +26,9 @@ class HeaderField(NamedTuple):
 
 def make_field(name: bytes, value: bytes) -> HeaderField:
     """Join a name and a value exactly as the MTA gave them (value with its leading space)."""
-    return HeaderField(name.decode("ascii", "replace").rstrip(" \t").lower(), name + b":" + value + CRLF)
+    return HeaderField(
+        name.decode("ascii", "replace").rstrip(" \t").lower(), name + b":" + value + CRLF
+    )
 
 
 def split_message(message: bytes) -> tuple[list[HeaderField], bytes]:
@@ -52,7 +54,9 @@ def split_message(message: bytes) -> tuple[list[HeaderField], bytes]:
             if colon <= 0:
                 return fields, message[pos:]
             raw = line if line.endswith(CRLF) else line + CRLF
-            fields.append(HeaderField(raw[:colon].decode("ascii", "replace").rstrip(" \t").lower(), raw))
+            fields.append(
+                HeaderField(raw[:colon].decode("ascii", "replace").rstrip(" \t").lower(), raw)
+            )
         pos = end
     return fields, b""
 

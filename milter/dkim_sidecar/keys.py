@@ -69,11 +69,15 @@ def parse_private_key(data: bytes) -> PrivateKey:
         raise KeyLoadError("the key is empty")
     if text.startswith(b"-----BEGIN"):
         if b"ENCRYPTED" in text.split(b"\n", 1)[0]:
-            raise KeyLoadError("the key is encrypted with a passphrase; an unencrypted key is needed")
+            raise KeyLoadError(
+                "the key is encrypted with a passphrase; an unencrypted key is needed"
+            )
         try:
             key = serialization.load_pem_private_key(text.replace(b"\r\n", b"\n"), password=None)
         except (ValueError, TypeError, UnsupportedAlgorithm):
-            raise KeyLoadError("not a readable PEM private key (PKCS#8 or PKCS#1 expected)") from None
+            raise KeyLoadError(
+                "not a readable PEM private key (PKCS#8 or PKCS#1 expected)"
+            ) from None
     else:
         try:
             raw = base64.b64decode(b"".join(text.split()), validate=True)

@@ -75,7 +75,9 @@ class KeySet:
             networks.extend(result.networks)
         return cls(by_domain, tuple(problems), tuple(networks))
 
-    def lookup(self, domain: str, parent_fallback: bool = False) -> tuple[str, tuple[SigningKey, ...]]:
+    def lookup(
+        self, domain: str, parent_fallback: bool = False
+    ) -> tuple[str, tuple[SigningKey, ...]]:
         """The signing domain and its keys for an author domain; ("", ()) when none.
 
         With parent_fallback, `mail.example.com` may be signed with `example.com`'s key:
@@ -133,9 +135,7 @@ class DirectoryKeySource:
             stem = entry.name[: -len(".key")]
             domain, dot, selector = stem.rpartition(".")
             if not dot or not domain:
-                problems.append(
-                    f"{entry.path}: name is not <domain>.<selector>.key; file skipped"
-                )
+                problems.append(f"{entry.path}: name is not <domain>.<selector>.key; file skipped")
                 continue
             try:
                 data = _read_key_file(Path(entry.path))
@@ -147,11 +147,15 @@ class DirectoryKeySource:
         return SourceResult(tuple(keys), tuple(problems))
 
 
-@dataclass(frozen=True)
-class TableEntry:
-    domain: str
-    selector: str
-    key_file: str
+class TableEntry(Protocol):
+    """One configured key (config.TableEntry has this shape)."""
+
+    @property
+    def domain(self) -> str: ...
+    @property
+    def selector(self) -> str: ...
+    @property
+    def key_file(self) -> str: ...
 
 
 @dataclass(frozen=True)

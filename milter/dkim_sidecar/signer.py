@@ -42,7 +42,7 @@ def fold_tags(tags: Sequence[tuple[str, str]], first_line: int) -> bytes:
     for i, (tag, value) in enumerate(tags):
         last = i == len(tags) - 1
         pieces = value.split(":") if tag == "h" else [value]
-        item = [f"{tag}={pieces[0]}"] + pieces[1:]
+        item = [f"{tag}={pieces[0]}", *pieces[1:]]
         for j, piece in enumerate(item):
             text = piece if j == 0 else ":" + piece
             if j == len(item) - 1 and not last:

@@ -1,0 +1,287 @@
+"""The `dkim-sidecar` command: run the milter, sign and verify offline, inspect keys and config.
+
+Every user error ends in one clear line and exit status 2 (1 where a check failed), never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+
+from . import __version__
+from .canon import Canonicalization
+from .config import Config, ConfigError, load_config
+from .header import split_message
+from .keys import Algorithm, KeyLoadError, SigningKey, generate_key
+from .keystore import KeySet, SourceUnavailable
+from .signer import MessageSigner, SigningPolicy
+
+DEFAULT_CONFIG = "/etc/dkim-sidecar/config.yml"
+
+
+class UsageError(Exception):
+    """A problem the user can fix; the text is the whole message."""
+
+
+def to_crlf(data: bytes) -> bytes:
+    """Any mix of LF and CRLF line ends as CRLF (the core takes CRLF only)."""
+    return re.sub(rb"\r?\n", b"\r\n", data)
+
+
+def _config_path(arg: str | None) -> str | None:
+    """--config, else $DKIM_SIDECAR_CONFIG, else the default path if it exists, else None
+    (the built-in defaults)."""
+    if arg:
+        return arg
+    env = os.environ.get("DKIM_SIDECAR_CONFIG")
+    if env:
+        return env
+    return DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None
+
+
+def _load(arg: str | None) -> tuple[str | None, Config]:
+    path = _config_path(arg)
+    return path, load_config(path)
+
+
+# --- run -------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .logs import setup_logging
+    from .service import Service
+
+    path, config = _load(args.config)
+    setup_logging(config.log_format.value, config.log_level.level)
+    return Service(path, config).run()
+
+
+# --- sign / verify ---------------------------------------------------------------------------
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    selectors = args.selector or []
+    key_files = args.key or []
+    if len(selectors) != len(key_files):
+        raise UsageError(f"{len(key_files)} --key but {len(selectors)} --selector: give one each")
+    keys = []
+    for selector, key_file in zip(selectors, key_files, strict=True):
+        keys.append(SigningKey.load(args.domain, selector, _read(key_file), key_file))
+    try:
+        canon = Canonicalization.parse(args.canon)
+    except ValueError as exc:
+        raise UsageError(f"--canon: {exc}") from None
+    config = Config()
+    headers = _names(args.headers) if args.headers else config.sign_headers
+    oversign = _names(args.oversign) if args.oversign is not None else config.oversign_headers
+    try:
+        policy = SigningPolicy(canon, headers, frozenset(oversign), args.expire)
+    except ValueError as exc:
+        raise UsageError(f"--headers: {exc}") from None
+    message = to_crlf(sys.stdin.buffer.read())
+    fields, body = split_message(message)
+    signer = MessageSigner(keys, policy, int(time.time()))
+    signer.update(body)
+    out = sys.stdout.buffer
+    out.write(b"".join(signer.sign(fields)))
+    out.write(message)
+    if not message.endswith(b"\r\n"):
+        out.write(b"\r\n")
+    out.flush()
+    return 0
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(n.strip().lower() for n in re.split(r"[:,\s]+", text) if n.strip())
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise UsageError(f"{path}: {exc.strerror}") from None
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    import dkim
+
+    records: dict[bytes, bytes] = {}
+    for item in args.record or []:
+        name, eq, txt = item.partition("=")
+        if not eq:
+            raise UsageError(f"--record {item!r}: expected NAME=TXT")
+        records[name.strip().rstrip(".").lower().encode()] = txt.encode()
+
+    def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
+        if records:
+            return records.get(name.rstrip(b".").lower(), b"")
+        return dkim.dnsplug.get_txt(name, timeout=timeout) or b""
+
+    message = to_crlf(sys.stdin.buffer.read())
+    d = dkim.DKIM(message)
+    fields, _ = split_message(message)
+    count = sum(1 for f in fields if f.name == "dkim-signature")
+    if count == 0:
+        print("no DKIM-Signature found")
+        return 1
+    failed = 0
+    for i in range(count):
+        try:
+            ok = d.verify(idx=i, dnsfunc=dnsfunc)
+            why = "" if ok else " (signature or body hash mismatch)"
+        except dkim.DKIMException as exc:
+            ok, why = False, f" ({exc})"
+        sig = d.signature_fields or {}
+        tag = " ".join(
+            f"{k.decode()}={sig[k].decode(errors='replace')}"
+            for k in (b"d", b"s", b"a")
+            if k in sig
+        )
+        print(f"signature {i + 1}: {tag}: {'pass' if ok else 'FAIL' + why}")
+        failed += not ok
+    return 1 if failed else 0
+
+
+# --- keys / check-config ---------------------------------------------------------------------
+
+
+def _load_keys(config: Config) -> tuple[KeySet, list[str]]:
+    from .runtime import make_source
+
+    results = []
+    unreachable = []
+    for spec in config.keys.sources:
+        try:
+            results.append(make_source(spec, config, os.environ).load())
+        except SourceUnavailable as exc:
+            unreachable.append(str(exc))
+    return KeySet.combine(results), unreachable
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    _, config = _load(args.config)
+    keys, unreachable = _load_keys(config)
+    if not len(keys):
+        print("no keys found")
+    for domain in sorted(keys.by_domain):
+        for k in keys.by_domain[domain]:
+            print(f"{k.domain}\t{k.selector}\t{k.algorithm.value}\t{k.bits} bits\t{k.source}")
+            print(f'  {k.dns_name} TXT "{k.dns_record()}"')
+    for line in unreachable:
+        print(f"unreachable: {line}", file=sys.stderr)
+    for line in keys.problems:
+        print(f"unusable: {line}", file=sys.stderr)
+    return 1 if (keys.problems or unreachable) else 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    path, config = _load(args.config)
+    keys, unreachable = _load_keys(config)
+    problems = [f"unreachable: {u}" for u in unreachable] + [
+        f"unusable: {p}" for p in keys.problems
+    ]
+    for line in problems:
+        print(line, file=sys.stderr)
+    print(
+        f"{path or '<built-in defaults>'}: config OK; {len(keys)} keys for "
+        f"{len(keys.by_domain)} domains" + (f", {len(problems)} problems" if problems else "")
+    )
+    return 1 if problems else 0
+
+
+def cmd_genkey(args: argparse.Namespace) -> int:
+    algorithm = Algorithm.ED25519_SHA256 if args.algorithm == "ed25519" else Algorithm.RSA_SHA256
+    pem = generate_key(algorithm, args.bits)
+    key = SigningKey.load(args.domain, args.selector, pem)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"{key.domain}.{key.selector}.key")
+    if os.path.exists(path):
+        raise UsageError(f"{path} exists; not overwritten")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    print(f"wrote {path}")
+    print(f'{key.dns_name}. IN TXT "{key.dns_record()}"')
+    return 0
+
+
+# --- entry point -------------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dkim-sidecar", description=__doc__)
+    p.add_argument("--version", action="version", version=f"dkim-sidecar {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--config",
+            "-c",
+            help=f"YAML config (default: $DKIM_SIDECAR_CONFIG, "
+            f"else {DEFAULT_CONFIG} if it exists, else built-in defaults)",
+        )
+
+    sp = sub.add_parser("run", help="run the milter")
+    with_config(sp)
+    sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("sign", help="sign a message from stdin to stdout")
+    sp.add_argument("--domain", "-d", required=True)
+    sp.add_argument("--selector", "-s", action="append", required=True)
+    sp.add_argument("--key", "-k", action="append", required=True, help="private key file")
+    sp.add_argument("--canon", default="relaxed/relaxed")
+    sp.add_argument("--headers", help="header names to sign, colon or comma separated")
+    sp.add_argument("--oversign", help="header names to oversign (empty: none)")
+    sp.add_argument("--expire", type=int, help="seconds until the signature expires (x=)")
+    sp.set_defaults(func=cmd_sign)
+
+    sp = sub.add_parser("verify", help="verify the DKIM signatures of a message from stdin")
+    sp.add_argument(
+        "--record",
+        action="append",
+        help="NAME=TXT: answer this DNS name from here instead of DNS (repeatable)",
+    )
+    sp.set_defaults(func=cmd_verify)
+
+    sp = sub.add_parser("keys", help="list the keys the config loads and their DNS records")
+    with_config(sp)
+    sp.set_defaults(func=cmd_keys)
+
+    sp = sub.add_parser("check-config", help="validate the config and its keys")
+    with_config(sp)
+    sp.set_defaults(func=cmd_check_config)
+
+    sp = sub.add_parser("genkey", help="make a key file for a key directory")
+    sp.add_argument("--domain", "-d", required=True)
+    sp.add_argument("--selector", "-s", required=True)
+    sp.add_argument("--algorithm", choices=("rsa", "ed25519"), default="rsa")
+    sp.add_argument("--bits", type=int, default=2048)
+    sp.add_argument("--out", default=".", help="directory to write <domain>.<selector>.key into")
+    sp.set_defaults(func=cmd_genkey)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (UsageError, KeyLoadError) as exc:
+        print(f"dkim-sidecar: error: {exc}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        print(f"dkim-sidecar: invalid config:\n{exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    logging.basicConfig()
+    sys.exit(main())

@@ -1,0 +1,319 @@
+"""The running state: one immutable snapshot (config + keys + signing policy), swapped whole.
+
+Every message reads `holder.current` once, at MAIL, and keeps that snapshot to its end. A
+reload (SIGHUP) or a key refresh builds a complete new snapshot and replaces the one reference;
+when building fails, the old snapshot keeps serving and the failure is logged and counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from . import config as cfg
+from .keystore import (
+    DirectoryKeySource,
+    KeySet,
+    KeySource,
+    SourceResult,
+    SourceUnavailable,
+    TableKeySource,
+)
+from .logs import event
+from .metrics import Metrics
+from .signer import SigningPolicy
+
+log = logging.getLogger("dkim_sidecar")
+
+
+def policy_of(config: cfg.Config) -> SigningPolicy:
+    return SigningPolicy(
+        canonicalization=config.canonicalization,
+        sign_headers=config.sign_headers,
+        oversign_headers=frozenset(config.oversign_headers),
+        expire_after=config.expire_after,
+    )
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What one message needs, fixed for its whole life."""
+
+    config: cfg.Config
+    keys: KeySet
+    policy: SigningPolicy
+    generation: int = 0
+    # relay networks found by a key source (Mailcow forwarding hosts), checked after the config's
+    _extra: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
+        default=(), repr=False
+    )
+
+    @classmethod
+    def build(cls, config: cfg.Config, keys: KeySet, generation: int = 0) -> Runtime:
+        return cls(config, keys, policy_of(config), generation, keys.networks)
+
+    def is_relay(self, ip: str) -> bool:
+        """Is the client (by the address the MTA reports, never by a header) ours to sign for?"""
+        if self.config.is_relay(ip):
+            return True
+        if not self._extra:
+            return False
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr.version == net.version and addr in net for net in self._extra)
+
+
+def make_source(spec: cfg.KeySource, config: cfg.Config, env: Mapping[str, str]) -> KeySource:
+    """The key source for one `keys:` entry of the config."""
+    if isinstance(spec, cfg.DirectorySource):
+        return DirectoryKeySource(spec.path)
+    if isinstance(spec, cfg.TableSource):
+        return TableKeySource(spec.entries)
+    from .redis_source import RedisKeySource  # redis is only imported when configured
+
+    try:
+        password = spec.resolve_password(env)
+    except OSError as exc:
+        raise SourceUnavailable(
+            f"redis password file {spec.password_file}: {exc.strerror}"
+        ) from None
+    networks = config.relay_networks_from_mailcow
+    return RedisKeySource(
+        host=spec.host,
+        port=spec.port,
+        db=spec.db,
+        password=password,
+        selectors_hash=spec.selectors_hash,
+        keys_hash=spec.keys_hash,
+        pub_keys_hash=spec.pub_keys_hash,
+        ed25519_key_prefix=spec.ed25519_key_prefix,
+        timeout=spec.timeout,
+        networks_from=None if networks is None else networks.value,
+    )
+
+
+class _Slot:
+    """One configured source and its last good result."""
+
+    def __init__(self, spec: cfg.KeySource, source: KeySource | None, error: str | None) -> None:
+        self.spec = spec
+        self.source = source
+        self.error = error  # why the source could not even be built (e.g. password file)
+        self.last: SourceResult | None = None
+        self.up = False
+
+
+class Controller:
+    """Owns the current snapshot, the key refresh loop and reloads."""
+
+    def __init__(
+        self,
+        config_path: str | None,
+        config: cfg.Config,
+        metrics: Metrics,
+        env: Mapping[str, str] = os.environ,
+    ) -> None:
+        self.config_path = config_path
+        self.env = env
+        self.metrics = metrics
+        self._lock = threading.Lock()  # one rebuild at a time; readers never take it
+        self._wake = threading.Event()
+        self._stopped = threading.Event()
+        self._generation = 0
+        self._slots = self._make_slots(config, [])
+        self.keys_loaded_once = False
+        self.current = Runtime.build(config, KeySet(), 0)
+        self.listening = False
+
+    # --- key sources ---------------------------------------------------------------------
+
+    def _make_slots(self, config: cfg.Config, old: list[_Slot]) -> list[_Slot]:
+        slots = []
+        for spec in config.keys.sources:
+            reuse = next((s for s in old if s.spec == spec and s.source is not None), None)
+            if reuse is not None:
+                slots.append(reuse)  # keeps its connection pool and its last good keys
+                continue
+            try:
+                slots.append(_Slot(spec, make_source(spec, config, self.env), None))
+            except SourceUnavailable as exc:
+                slots.append(_Slot(spec, None, str(exc)))
+        return slots
+
+    def _load_slots(self, slots: list[_Slot]) -> tuple[KeySet, bool]:
+        """Ask every source; an unreachable one keeps its last keys. True when all answered."""
+        all_ok = True
+        for slot in slots:
+            was_up = slot.up
+            if slot.source is None:
+                slot.up, all_ok = False, False
+                event(
+                    logging.WARNING,
+                    "key source unusable",
+                    source=type(slot.spec).__name__,
+                    error=slot.error,
+                )
+                continue
+            try:
+                slot.last = slot.source.load()
+                slot.up = True
+            except SourceUnavailable as exc:
+                slot.up, all_ok = False, False
+                if was_up or slot.last is None:
+                    event(
+                        logging.WARNING,
+                        "key source unreachable, keeping its last keys",
+                        source=slot.source.name,
+                        error=str(exc),
+                        kept=0 if slot.last is None else len(slot.last.keys),
+                    )
+                continue
+            if not was_up and slot.last is not None:
+                event(
+                    logging.INFO,
+                    "key source answered",
+                    source=slot.source.name,
+                    keys=len(slot.last.keys),
+                )
+        keys = KeySet.combine(s.last for s in slots if s.last is not None)
+        return keys, all_ok
+
+    def refresh_keys(self) -> bool:
+        """Reload the keys of the current config; returns True when every source answered."""
+        with self._lock:
+            old = self.current
+            keys, all_ok = self._load_slots(self._slots)
+            self._publish(Runtime.build(old.config, keys, old.generation), keys, all_ok)
+            return all_ok
+
+    def _publish(self, runtime: Runtime, keys: KeySet, all_ok: bool) -> None:
+        previous = self.current.keys
+        self.current = runtime  # the swap: one reference, atomic for readers
+        self.keys_loaded_once = self.keys_loaded_once or any(
+            s.last is not None for s in self._slots
+        )
+        m = self.metrics
+        m.key_refreshes.labels("ok" if all_ok else "partial").inc()
+        if all_ok:
+            m.key_refresh_last_success.set(time.time())
+        counts: dict[str, int] = {}
+        for slot in self._slots:
+            name = slot.source.name if slot.source is not None else "unusable"
+            counts[name] = counts.get(name, 0) + (len(slot.last.keys) if slot.last else 0)
+        for name in ("directory", "table", "redis"):
+            m.keys_loaded.labels(name).set(counts.get(name, 0))
+        m.key_problems.set(len(keys.problems))
+        redis = [s for s in self._slots if s.source is not None and s.source.name == "redis"]
+        m.redis_up.set(1 if redis and all(s.up for s in redis) else 0)
+        if set(keys.by_domain) != set(previous.by_domain) or keys.problems != previous.problems:
+            for problem in keys.problems:
+                event(logging.WARNING, "key skipped", problem=problem)
+            event(
+                logging.INFO,
+                "keys loaded",
+                domains=len(keys.by_domain),
+                keys=len(keys),
+                skipped=len(keys.problems),
+            )
+
+    # --- reload --------------------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """SIGHUP: a whole new config and key set, or nothing changes."""
+        from .config import ConfigError, load_config, restart_required
+
+        with self._lock:
+            old = self.current
+            try:
+                config = load_config(self.config_path, self.env)
+            except ConfigError as exc:
+                self.metrics.reloads.labels("failed").inc()
+                event(
+                    logging.ERROR,
+                    "reload failed, keeping the running config",
+                    config=self.config_path,
+                    problems=str(exc),
+                )
+                return False
+            for name in restart_required(old.config, config):
+                event(
+                    logging.WARNING,
+                    "setting changed but needs a restart; old value kept",
+                    setting=name,
+                )
+            config = _keep_restart_settings(old.config, config)
+            slots = self._make_slots(config, self._slots)
+            keys, all_ok = self._load_slots(slots)
+            self._slots = slots
+            self._generation += 1
+            self._publish(Runtime.build(config, keys, self._generation), keys, all_ok)
+            self.metrics.reloads.labels("ok").inc()
+            self.metrics.reload_last_success.set(time.time())
+            logging.getLogger().setLevel(config.log_level.level)
+            event(
+                logging.INFO,
+                "config reloaded",
+                config=self.config_path,
+                generation=self._generation,
+                relay_networks=len(config.relay_networks),
+            )
+            self._wake.set()  # the refresh interval may have changed
+            return True
+
+    # --- the refresh loop ----------------------------------------------------------------
+
+    def start_refresher(self) -> threading.Thread:
+        thread = threading.Thread(target=self._refresh_loop, name="key-refresh", daemon=True)
+        thread.start()
+        return thread
+
+    def _refresh_loop(self) -> None:
+        backoff = 1.0
+        while not self._stopped.is_set():
+            try:
+                ok = self.refresh_keys()
+            except Exception:
+                log.exception("key refresh failed")
+                self.metrics.key_refreshes.labels("failed").inc()
+                ok = False
+            interval = self.current.config.keys.refresh_interval
+            if ok:
+                backoff = 1.0
+                wait = interval
+            else:  # a source is down: retry sooner, backing off up to the normal interval
+                wait = min(backoff, interval)
+                backoff = min(backoff * 2, interval)
+            self._wake.wait(wait)
+            self._wake.clear()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._wake.set()
+
+    def readiness(self) -> tuple[bool, str]:
+        if not self.listening:
+            return False, "milter not listening yet"
+        if not self.keys_loaded_once:
+            return False, "no key snapshot loaded yet"
+        if len(self.current.keys) == 0:
+            return False, "no usable keys"
+        return True, "ready"
+
+
+def _keep_restart_settings(old: cfg.Config, new: cfg.Config) -> cfg.Config:
+    """Listen addresses cannot change without a restart: keep the ones in use."""
+    metrics = dataclasses.replace(new.metrics, listen=old.metrics.listen)
+    return dataclasses.replace(new, listen=old.listen, metrics=metrics)
