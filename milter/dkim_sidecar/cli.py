@@ -109,32 +109,38 @@ def _read(path: str) -> bytes:
         raise UsageError(f"{path}: {exc.strerror}") from None
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
-    import dkim
-
+def _records(args: argparse.Namespace) -> dict[bytes, bytes]:
+    """--record NAME=TXT and --records FILE (lines NAME=TXT, the TXT optionally quoted)."""
+    items = list(args.record or [])
+    if args.records:
+        items += [line for line in _read(args.records).decode().splitlines() if line.strip()]
     records: dict[bytes, bytes] = {}
-    for item in args.record or []:
+    for item in items:
         name, eq, txt = item.partition("=")
         if not eq:
-            raise UsageError(f"--record {item!r}: expected NAME=TXT")
+            raise UsageError(f"record {item!r}: expected NAME=TXT")
+        txt = txt.strip()
+        if len(txt) >= 2 and txt[0] == txt[-1] == '"':
+            txt = txt[1:-1]
         records[name.strip().rstrip(".").lower().encode()] = txt.encode()
+    return records
+
+
+def verify_message(message: bytes, records: dict[bytes, bytes]) -> list[tuple[bool, str]]:
+    """Each DKIM-Signature checked by dkimpy: (passed, description), topmost first."""
+    import dkim
 
     def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
         if records:
             return records.get(name.rstrip(b".").lower(), b"")
         return dkim.dnsplug.get_txt(name, timeout=timeout) or b""
 
-    message = to_crlf(sys.stdin.buffer.read())
     d = dkim.DKIM(message)
     fields, _ = split_message(message)
-    count = sum(1 for f in fields if f.name == "dkim-signature")
-    if count == 0:
-        print("no DKIM-Signature found")
-        return 1
-    failed = 0
-    for i in range(count):
+    out = []
+    for i in range(sum(1 for f in fields if f.name == "dkim-signature")):
         try:
-            ok = d.verify(idx=i, dnsfunc=dnsfunc)
+            ok = bool(d.verify(idx=i, dnsfunc=dnsfunc))
             why = "" if ok else " (signature or body hash mismatch)"
         except dkim.DKIMException as exc:
             ok, why = False, f" ({exc})"
@@ -144,9 +150,63 @@ def cmd_verify(args: argparse.Namespace) -> int:
             for k in (b"d", b"s", b"a")
             if k in sig
         )
-        print(f"signature {i + 1}: {tag}: {'pass' if ok else 'FAIL' + why}")
-        failed += not ok
-    return 1 if failed else 0
+        out.append((ok, f"{tag}: {'pass' if ok else 'FAIL' + why}"))
+    return out
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    results = verify_message(to_crlf(sys.stdin.buffer.read()), _records(args))
+    if not results:
+        print("no DKIM-Signature found")
+        return 1
+    for i, (_, line) in enumerate(results, 1):
+        print(f"signature {i}: {line}")
+    return 0 if all(ok for ok, _ in results) else 1
+
+
+SAMPLE = (
+    b"From: Demo Sender <sender@example.com>\r\n"
+    b"To: Someone <someone@example.net>\r\n"
+    b"Subject: dkim-sidecar probe\r\n"
+    b"Date: Sat, 28 Nov 2026 10:00:00 +0000\r\n"
+    b"Message-ID: <probe@example.com>\r\n"
+    b"\r\n"
+    b"Hello from dkim-sidecar's probe.\r\n"
+)
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    """Push one message through a running milter as Postfix would, and say what happened."""
+    from .mtaclient import MilterClient
+
+    message = to_crlf(_read(args.message)) if args.message else SAMPLE
+    try:
+        with MilterClient(args.milter, timeout=30) as client:
+            client.negotiate()
+            if client.connect(args.client_ip) != "continue":
+                print(
+                    f"not signed: the milter let the connection go at connect "
+                    f"({args.client_ip} is not in its relay networks)"
+                )
+                return 1
+            sender = args.sender.encode()
+            result = client.send_message(message, sender, auth=args.auth)
+    except OSError as exc:
+        raise UsageError(f"cannot talk to the milter at {args.milter}: {exc}") from None
+    if not result.signatures:
+        print(
+            f"not signed: the milter answered {result.action} at {result.stage} "
+            "(its log line for queue ID 4ABCDEF gives the reason)"
+        )
+        return 1
+    if args.show:
+        sys.stdout.buffer.write(result.message)
+    print(f"signed: {len(result.signatures)} signature(s)")
+    records = _records(args)
+    results = verify_message(result.message, records)
+    for i, (_, line) in enumerate(results, 1):
+        print(f"signature {i}: {line}")
+    return 0 if all(ok for ok, _ in results) else 1
 
 
 # --- keys / check-config ---------------------------------------------------------------------
@@ -242,13 +302,28 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--expire", type=int, help="seconds until the signature expires (x=)")
     sp.set_defaults(func=cmd_sign)
 
+    def with_records(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--record",
+            action="append",
+            metavar="NAME=TXT",
+            help="answer this DNS name from here instead of DNS (repeatable)",
+        )
+        sp.add_argument("--records", metavar="FILE", help="a file of NAME=TXT lines")
+
     sp = sub.add_parser("verify", help="verify the DKIM signatures of a message from stdin")
-    sp.add_argument(
-        "--record",
-        action="append",
-        help="NAME=TXT: answer this DNS name from here instead of DNS (repeatable)",
-    )
+    with_records(sp)
     sp.set_defaults(func=cmd_verify)
+
+    sp = sub.add_parser("probe", help="send a message through a running milter and verify it")
+    sp.add_argument("--milter", default="inet:127.0.0.1:8891")
+    sp.add_argument("--client-ip", default="127.0.0.1", help="the client address to present")
+    sp.add_argument("--sender", default="sender@example.com", help="envelope sender")
+    sp.add_argument("--auth", help="present an authenticated login ({auth_authen})")
+    sp.add_argument("--show", action="store_true", help="print the signed message")
+    sp.add_argument("message", nargs="?", help="message file (default: a built-in sample)")
+    with_records(sp)
+    sp.set_defaults(func=cmd_probe)
 
     sp = sub.add_parser("keys", help="list the keys the config loads and their DNS records")
     with_config(sp)
