@@ -1,0 +1,506 @@
+"""Mailcow's Redis as a key source: the DKIM keys Mailcow's UI manages, read-only.
+
+Where Mailcow keeps them (mailcow-dockerized `data/web/inc/functions.dkim.inc.php`; rspamd reads
+the same hashes through `selector_prefix`/`key_prefix` in `data/conf/rspamd/local.d/
+dkim_signing.conf`):
+
+    DKIM_SELECTORS   <domain>            -> selector
+    DKIM_PRIV_KEYS   <selector>.<domain> -> PEM private key (PKCS#8 when Mailcow generated it,
+                                            as pasted (PKCS#1 too) when imported; LF line ends)
+    DKIM_PUB_KEYS    <domain>            -> base64 SubjectPublicKeyInfo, the p= Mailcow's UI
+                                            tells the admin to publish
+
+Ed25519 (RFC 8463) is not something Mailcow stores. With `ed25519_key_prefix` set (for example
+"DKIM_ED25519_") the same layout is read a second time, `<prefix>SELECTORS` and
+`<prefix>PRIV_KEYS` (PEM or the bare base64 seed), so a domain signs with Mailcow's RSA key and an
+Ed25519 key side by side (dual signing).
+
+Forwarding hosts (`data/web/inc/functions.fwdhost.inc.php`) can be taken as extra relay networks:
+
+    WHITELISTED_FWD_HOST  <IP or CIDR> -> what the admin typed (a host name is resolved by
+                                          Mailcow when added: its A/AAAA, MX or SPF addresses)
+    KEEP_SPAM             <IP or CIDR> -> "1" when the spam filter is off for that host
+
+Only read commands are sent: AUTH when connecting, then HGETALL and HMGET (plus SELECT when
+`db` is not 0; no CLIENT SETINFO). So a Redis ACL user is enough, beside the default user that
+`requirepass` protects (Mailcow's `data/conf/redis/redis-conf.sh` already adds one such user):
+
+    user dkim-sidecar on >PASSWORD -@all +hgetall +hmget ~DKIM_* ~WHITELISTED_FWD_HOST ~KEEP_SPAM
+
+Newer Mailcow runs Valkey (`valkey-mailcow`, password `VALKEYPASS`): same protocol, same hashes.
+The password never appears in an error text, a log line or an exception chain.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from .keys import Algorithm, KeyLoadError, SigningKey
+from .keystore import Network, SourceResult, SourceUnavailable
+
+__all__ = ["NetworksFrom", "PasswordError", "RedisKeySource", "read_password"]
+
+log = logging.getLogger(__name__)
+
+NetworksFrom = Literal["keep_spam", "forwarding_hosts"]
+
+FWD_HOSTS_HASH = "WHITELISTED_FWD_HOST"
+KEEP_SPAM_HASH = "KEEP_SPAM"
+
+# A password file larger than this is the wrong file, not a password.
+MAX_PASSWORD_FILE = 4096
+
+_B64_SPACE = re.compile(rb"\s+")
+
+
+class PasswordError(ValueError):
+    """The Redis password cannot be read; the text names the variable or file, never the value."""
+
+
+def read_password(
+    env_name: str | None, file_path: str | None, env: Mapping[str, str]
+) -> str | None:
+    """The Redis password from a secret file or an environment variable; None when neither is
+    configured (a Redis without `requirepass`).
+
+    The file wins when both are given: a Docker secret is the safer place, and an admin who
+    mounted one means it. One trailing newline is dropped (`echo pw > file` writes one).
+    """
+    if file_path:
+        where = f"redis password file {file_path}"
+        data, failure = _read_secret_file(Path(file_path), where)
+        if failure:
+            raise PasswordError(failure)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            # raised below, outside the handler: UnicodeDecodeError carries the bytes it failed
+            # on, and a chained __context__ would carry them along
+            text = None
+        if text is None:
+            raise PasswordError(f"{where} is not UTF-8 text")
+    elif env_name:
+        where = f"environment variable {env_name}"
+        if env_name not in env:
+            raise PasswordError(f"{where} (the redis password) is not set")
+        text = env[env_name]
+    else:
+        return None
+    if text.endswith("\r\n"):
+        text = text[:-2]
+    elif text.endswith("\n"):
+        text = text[:-1]
+    if not text:
+        raise PasswordError(f"{where} is empty")
+    if any(c in text for c in "\r\n\0"):
+        raise PasswordError(f"{where} holds more than one line; the password must be one line")
+    return text
+
+
+def _read_secret_file(path: Path, where: str) -> tuple[bytes, str]:
+    try:
+        if not path.is_file() and path.exists():
+            return b"", f"{where} is not a regular file"
+        size = path.stat().st_size
+        if size > MAX_PASSWORD_FILE:
+            return b"", f"{where} is {size} bytes: too large to be a password"
+        return path.read_bytes(), ""
+    except FileNotFoundError:
+        return b"", f"{where} does not exist"
+    except OSError as exc:
+        return b"", f"{where}: cannot read: {exc.strerror}"
+
+
+def parse_network(text: str) -> tuple[Network, bool]:
+    """An IP address or CIDR as Mailcow stores a forwarding host; a bare address is a /32 or
+    /128. The flag says whether host bits were set (`192.0.2.7/24`): the network is then the
+    enclosing one, as Mailcow's own match (`in_net` in `dynmaps/forwardinghosts.php`) and
+    rspamd's maps read it. ValueError for anything else (a host name).
+    """
+    text = text.strip()
+    if "/" not in text:
+        return ipaddress.ip_network(ipaddress.ip_address(text)), False
+    network = ipaddress.ip_network(text, strict=False)
+    address = ipaddress.ip_address(text.split("/", 1)[0])
+    return network, address != network.network_address
+
+
+class RedisKeySource:
+    """DKIM keys (and optionally relay networks) from Mailcow's Redis.
+
+    One redis-py client per source (it pools its connections); nothing connects until the first
+    `load()`, so building a source never waits for Redis. Every socket wait is bounded by
+    `timeout` and redis-py's own retries are off: a Redis that accepts connections but does not
+    answer ends a load after about `timeout` seconds, one that is down at once.
+    """
+
+    __slots__ = (
+        "_client",
+        "_ed25519_prefix",
+        "_keys_hash",
+        "_networks_from",
+        "_password",
+        "_pub_keys_hash",
+        "_selectors_hash",
+        "_timeout",
+        "_username",
+        "address",
+        "db",
+    )
+
+    def __init__(
+        self,
+        host: str,
+        port: int = 6379,
+        db: int = 0,
+        password: str | None = None,
+        *,
+        username: str | None = None,
+        selectors_hash: str = "DKIM_SELECTORS",
+        keys_hash: str = "DKIM_PRIV_KEYS",
+        pub_keys_hash: str = "DKIM_PUB_KEYS",
+        ed25519_key_prefix: str | None = None,
+        timeout: float = 2.0,
+        networks_from: str | None = None,
+    ) -> None:
+        if not host:
+            raise ValueError("redis host is empty")
+        if not 0 < port < 65536:
+            raise ValueError(f"redis port {port} is out of range (1-65535)")
+        if db < 0:
+            raise ValueError(f"redis db {db} is negative")
+        if not timeout > 0:
+            raise ValueError(f"redis timeout {timeout} must be greater than 0 seconds")
+        if networks_from is not None and networks_from not in get_args(NetworksFrom):
+            choices = ", ".join(get_args(NetworksFrom))
+            raise ValueError(f"networks_from {networks_from!r} is not one of: {choices}")
+        for what, value in (
+            ("selectors_hash", selectors_hash),
+            ("keys_hash", keys_hash),
+            ("pub_keys_hash", pub_keys_hash),
+            ("ed25519_key_prefix", ed25519_key_prefix),
+        ):
+            if value is not None and not value:
+                raise ValueError(f"{what} is empty")
+        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.db = db
+        self._username = username
+        self._password = password
+        self._selectors_hash = selectors_hash
+        self._keys_hash = keys_hash
+        self._pub_keys_hash = pub_keys_hash
+        self._ed25519_prefix = ed25519_key_prefix
+        self._timeout = timeout
+        self._networks_from = None if networks_from is None else str(networks_from)
+        self._client = redis.Redis(
+            host=host,
+            port=port,
+            db=db,
+            username=username,
+            password=password,
+            socket_connect_timeout=timeout,
+            socket_timeout=timeout,
+            decode_responses=False,
+            # redis-py retries three times with backoff by default: that would stretch a
+            # `timeout` into many. A connection the server closed (restart) is not a problem:
+            # the pool notices at checkout and reconnects.
+            retry=Retry(NoBackoff(), 0),
+            # no CLIENT SETINFO: a read-only ACL user may not run it, and every refusal would
+            # land in the admin's ACL LOG
+            driver_info=None,
+        )
+
+    @property
+    def name(self) -> str:
+        return "redis"
+
+    def __repr__(self) -> str:
+        return f"RedisKeySource({self.address}, db={self.db})"
+
+    def close(self) -> None:
+        """Close the pooled connections (at shutdown; a later load() reconnects)."""
+        self._client.close()
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def load(self) -> SourceResult:
+        """All keys (and networks, if asked for) in two round trips: the selector hashes, then
+        exactly the key fields they name. SourceUnavailable when Redis cannot be used."""
+        try:
+            data = self._fetch()
+        except redis.RedisError as exc:
+            failure = self._describe(exc)
+        else:
+            result = self._build(data)
+            log.debug(
+                "redis %s: %d keys, %d problems, %d networks",
+                self.address,
+                len(result.keys),
+                len(result.problems),
+                len(result.networks),
+            )
+            return result
+        # Raised here, outside the handler, so that neither __cause__ nor __context__ holds
+        # redis-py's exception: its traceback frames hold the connection and its password.
+        raise SourceUnavailable(failure)
+
+    def _fetch(self) -> _Fetched:
+        prefix = self._ed25519_prefix
+        pipe = self._client.pipeline(transaction=False)
+        pipe.hgetall(self._selectors_hash)
+        if prefix:
+            pipe.hgetall(prefix + "SELECTORS")
+        if self._networks_from:
+            pipe.hgetall(FWD_HOSTS_HASH)
+            pipe.hgetall(KEEP_SPAM_HASH)
+        replies = iter(pipe.execute())
+        f = _Fetched()
+        f.selectors = _as_hash(next(replies))
+        if prefix:
+            f.ed_selectors = _as_hash(next(replies))
+        if self._networks_from:
+            f.fwd_hosts = _as_hash(next(replies))
+            f.keep_spam = _as_hash(next(replies))
+
+        rsa_fields = [sel + b"." + dom for dom, sel in f.selectors.items()]
+        rsa_domains = list(f.selectors)
+        ed_fields = [sel + b"." + dom for dom, sel in f.ed_selectors.items()]
+        if not rsa_fields and not ed_fields:
+            return f
+        pipe = self._client.pipeline(transaction=False)
+        if rsa_fields:  # HMGET with no field is a syntax error
+            pipe.hmget(self._keys_hash, rsa_fields)
+            pipe.hmget(self._pub_keys_hash, rsa_domains)
+        if ed_fields:
+            pipe.hmget(f"{prefix}PRIV_KEYS", ed_fields)
+        replies = iter(pipe.execute())
+        if rsa_fields:
+            f.priv = dict(zip(rsa_fields, _as_list(next(replies)), strict=True))
+            f.pub = dict(zip(rsa_domains, _as_list(next(replies)), strict=True))
+        if ed_fields:
+            f.ed_priv = dict(zip(ed_fields, _as_list(next(replies)), strict=True))
+        return f
+
+    def _describe(self, exc: redis.RedisError) -> str:
+        """One line for the log: what failed and what to check. Never the password."""
+        where = f"redis {self.address}"
+        detail = str(exc).strip()
+        if isinstance(exc, redis.AuthenticationError):
+            if self._password is None:
+                text = f"{where}: authentication required, but no password is configured"
+            else:
+                who = f"user {self._username}: " if self._username else ""
+                text = (
+                    f"{where}: {who}authentication failed (check the password: REDISPASS in "
+                    "mailcow.conf, VALKEYPASS on Mailcow with Valkey)"
+                )
+        elif isinstance(exc, redis.exceptions.BusyLoadingError):
+            text = f"{where}: Redis is still loading its data set; will try again"
+        elif isinstance(exc, redis.TimeoutError):
+            text = f"{where}: no answer within {self._timeout:g} s"
+        elif isinstance(exc, redis.ConnectionError):
+            text = f"{where}: cannot connect: {detail}"
+        elif isinstance(exc, redis.exceptions.NoPermissionError):
+            text = (
+                f"{where}: permission denied: {detail} (the ACL user needs +hgetall +hmget on "
+                "the DKIM hashes)"
+            )
+        elif isinstance(exc, redis.ResponseError) and detail.startswith("WRONGTYPE"):
+            text = f"{where}: {detail} (one of the configured hash names is not a hash)"
+        elif isinstance(exc, redis.ResponseError):
+            text = f"{where}: error reply: {detail}"
+        else:
+            text = f"{where}: {type(exc).__name__}: {detail}"
+        # redis-py's texts do not carry credentials today; make sure it stays that way
+        if self._password:
+            text = text.replace(self._password, "***")
+        return text
+
+    # -- building the result ---------------------------------------------------------------
+
+    def _build(self, f: _Fetched) -> SourceResult:
+        where = f"redis {self.address}"
+        keys: list[SigningKey] = []
+        problems: list[str] = []
+        seen: set[tuple[str, str]] = set()
+        rsa_selectors: dict[str, str] = {}
+
+        for dom_b, sel_b in sorted(f.selectors.items()):
+            domain, selector = _text(dom_b), _text(sel_b)
+            field = f"{selector}.{domain}"
+            pem = f.priv.get(sel_b + b"." + dom_b)
+            if pem is None:
+                problems.append(
+                    f"{where}: {self._selectors_hash} names selector {selector} for {domain}, "
+                    f"but {self._keys_hash} has no {field}; domain skipped"
+                )
+                continue
+            key = self._load_key(domain, selector, pem, problems)
+            if key is None or self._duplicate(key, seen, problems):
+                continue
+            keys.append(key)
+            rsa_selectors[key.domain] = key.selector
+            # DKIM_PUB_KEYS is what Mailcow's UI shows the admin to publish. A mismatch is
+            # reported but the key is still used: the admin may be mid-rotation (new key
+            # imported, DNS not yet updated), and rspamd signs with the private key regardless,
+            # so refusing here would only make the sidecar differ from Mailcow's own signer.
+            pub = f.pub.get(dom_b)
+            if pub is None:
+                problems.append(
+                    f"{where}: {self._pub_keys_hash} has no entry for {domain}; the key of "
+                    f"{field} is used, but its published record cannot be checked"
+                )
+            elif not _same_public_key(key, pub):
+                problems.append(
+                    f"{where}: published {self._pub_keys_hash} for {domain} does not match the "
+                    f"private key of {field}; signing with the private key anyway (check the "
+                    f"TXT record at {key.dns_name})"
+                )
+
+        prefix = self._ed25519_prefix
+        for dom_b, sel_b in sorted(f.ed_selectors.items()):
+            domain, selector = _text(dom_b), _text(sel_b)
+            field = f"{selector}.{domain}"
+            data = f.ed_priv.get(sel_b + b"." + dom_b)
+            if data is None:
+                problems.append(
+                    f"{where}: {prefix}SELECTORS names selector {selector} for {domain}, but "
+                    f"{prefix}PRIV_KEYS has no {field}; Ed25519 key skipped"
+                )
+                continue
+            key = self._load_key(domain, selector, data, problems)
+            if key is None:
+                continue
+            if key.algorithm is not Algorithm.ED25519_SHA256:
+                problems.append(
+                    f"{where}: {prefix}PRIV_KEYS {field} holds an {key.algorithm.key_type} key, "
+                    "not Ed25519; key skipped"
+                )
+                continue
+            if rsa_selectors.get(key.domain) == key.selector:
+                # one selector is one DNS record: both keys cannot be published there
+                problems.append(
+                    f"{where}: {domain} uses selector {selector} for both its RSA and its "
+                    "Ed25519 key; Ed25519 key skipped (give it a selector of its own)"
+                )
+                continue
+            if self._duplicate(key, seen, problems):
+                continue
+            keys.append(key)
+
+        networks: list[Network] = []
+        if self._networks_from:
+            networks = self._networks(f, where, problems)
+        return SourceResult(tuple(keys), tuple(problems), tuple(networks))
+
+    def _load_key(
+        self, domain: str, selector: str, data: bytes, problems: list[str]
+    ) -> SigningKey | None:
+        try:
+            return SigningKey.load(domain, selector, data, f"redis {self.address}")
+        except KeyLoadError as exc:
+            problems.append(str(exc))  # names selector and domain, never the key
+            return None
+
+    def _duplicate(self, key: SigningKey, seen: set[tuple[str, str]], problems: list[str]) -> bool:
+        if (key.domain, key.selector) in seen:
+            # two spellings of one domain (Example.org, example.org) in one hash
+            problems.append(
+                f"redis {self.address}: {key.dns_name} is given twice; the second is skipped"
+            )
+            return True
+        seen.add((key.domain, key.selector))
+        return False
+
+    def _networks(self, f: _Fetched, where: str, problems: list[str]) -> list[Network]:
+        if self._networks_from == "forwarding_hosts":
+            hosts: Iterable[bytes] = f.fwd_hosts
+            what = FWD_HOSTS_HASH
+        else:
+            hosts = []
+            for host, value in f.keep_spam.items():
+                if value.strip() != b"1":
+                    continue  # Mailcow writes "1" and deletes the field when the filter is on
+                if host not in f.fwd_hosts:
+                    # Mailcow deletes both fields together; a KEEP_SPAM field on its own is a
+                    # leftover of a manual edit, and is no reason to trust a network
+                    problems.append(
+                        f"{where}: {KEEP_SPAM_HASH} entry {_text(host)!r} is not a forwarding "
+                        f"host in {FWD_HOSTS_HASH}; skipped"
+                    )
+                    continue
+                hosts.append(host)
+            what = KEEP_SPAM_HASH
+        found: dict[Network, None] = {}
+        for host in sorted(hosts):
+            text = _text(host)
+            try:
+                network, widened = parse_network(text)
+            except ValueError:
+                problems.append(
+                    f"{where}: {what} entry {text!r} is not an IP address or network (a host "
+                    "name?); skipped"
+                )
+                continue
+            if widened:
+                # said out loud: a typo in the prefix length lets a whole network relay
+                problems.append(
+                    f"{where}: {what} entry {text!r} has host bits set; using {network}, as "
+                    "Mailcow does"
+                )
+            found[network] = None
+        return sorted(found, key=lambda n: (n.version, int(n.network_address), n.prefixlen))
+
+
+class _Fetched:
+    """The raw hash contents of one load (bytes, as Redis holds them)."""
+
+    __slots__ = ("ed_priv", "ed_selectors", "fwd_hosts", "keep_spam", "priv", "pub", "selectors")
+
+    def __init__(self) -> None:
+        self.selectors: dict[bytes, bytes] = {}
+        self.priv: dict[bytes, bytes | None] = {}
+        self.pub: dict[bytes, bytes | None] = {}
+        self.ed_selectors: dict[bytes, bytes] = {}
+        self.ed_priv: dict[bytes, bytes | None] = {}
+        self.fwd_hosts: dict[bytes, bytes] = {}
+        self.keep_spam: dict[bytes, bytes] = {}
+
+
+def _as_hash(reply: Any) -> dict[bytes, bytes]:
+    if not isinstance(reply, dict):
+        raise redis.exceptions.InvalidResponse(f"expected a hash, got {type(reply).__name__}")
+    return {k: v for k, v in reply.items() if isinstance(k, bytes) and isinstance(v, bytes)}
+
+
+def _as_list(reply: Any) -> list[bytes | None]:
+    if not isinstance(reply, list):
+        raise redis.exceptions.InvalidResponse(f"expected a list, got {type(reply).__name__}")
+    return [v if isinstance(v, bytes) else None for v in reply]
+
+
+def _text(raw: bytes) -> str:
+    # names only (domains, selectors, hosts): a bad byte shows as U+FFFD and then fails the
+    # name check with a readable problem line
+    return raw.decode("utf-8", "replace")
+
+
+def _same_public_key(key: SigningKey, published: bytes) -> bool:
+    """Whether Mailcow's base64 SubjectPublicKeyInfo is the public half of `key`. Compared as
+    DER, so that line breaks or spaces pasted into the hash do not count as a difference."""
+    try:
+        der = base64.b64decode(_B64_SPACE.sub(b"", published), validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return der == base64.b64decode(key.public_key_b64())
