@@ -23,6 +23,8 @@ import os
 import signal
 import socket
 import threading
+import time
+import weakref
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
@@ -108,12 +110,14 @@ class SidecarMilter(Milter.Base):  # type: ignore[misc]
 
     controller: ClassVar[Controller]
     reporter: ClassVar[Reporter]
+    live: ClassVar[weakref.WeakSet[SidecarMilter]] = weakref.WeakSet()
 
     def __init__(self) -> None:
         super().__init__()
         controller = self.controller
         self.session = Session(lambda: controller.current, self.reporter)
         controller.metrics.connections_open.inc()
+        self.live.add(self)
 
     # The macros we read, asked for by stage (milter protocol v6 SMFIR_SETSYMLIST).
     _MACROS: ClassVar[tuple[tuple[int, str], ...]] = (
@@ -200,11 +204,26 @@ class SidecarMilter(Milter.Base):  # type: ignore[misc]
             log.exception("close callback failed")
         finally:
             self.controller.metrics.connections_open.dec()
+            self.live.discard(self)
         return Milter.CONTINUE
 
     @Milter.nocallback
     def unknown(self, cmd: str) -> int:
         return Milter.CONTINUE
+
+
+STOP_GRACE = 25.0  # seconds messages in progress get at SIGTERM (Docker waits 10 s by default)
+
+
+def _wake_listener(fds: set[int]) -> None:
+    """Stop new connections now: shutdown() on the listening socket makes libmilter's poll()
+    return at once (Linux), where smfi_stop() alone waits up to 5 s."""
+    for fd in fds:
+        try:
+            with socket.socket(fileno=os.dup(fd)) as s:
+                s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already closed by libmilter: it is on its way out anyway
 
 
 def _listen_fds() -> set[int]:
@@ -243,8 +262,10 @@ class Service:
         self.reporter = Reporter(
             self.metrics, lambda: self.controller.current.config.metrics.per_domain_labels
         )
-        self._stop = threading.Event()
-        self._reload = threading.Event()
+        # Plain flags, not Events: a signal handler that takes a lock can deadlock with the
+        # code it interrupted (Event.wait holds the same lock). The main loop polls them.
+        self._stop = False
+        self._reloads_asked = 0
         self._milter_done = threading.Event()
 
     def run(self) -> int:
@@ -262,9 +283,9 @@ class Service:
             assert ml.host is not None and ml.port is not None
             serve_http(ml.host, ml.port, family, self.metrics, self.controller.readiness)
         self.controller.start_refresher()
-        signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
-        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
-        signal.signal(signal.SIGINT, lambda *_: self._stop.set())
+        signal.signal(signal.SIGHUP, self._on_hup)
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
 
         SidecarMilter.controller = self.controller
         SidecarMilter.reporter = self.reporter
@@ -287,30 +308,50 @@ class Service:
         )
         before = _listen_fds()
         Milter.opensocket(True)
-        _set_nodelay(_listen_fds() - before)
+        listen_fds = _listen_fds() - before
+        _set_nodelay(listen_fds)
         thread = threading.Thread(target=self._milter_main, name="milter", daemon=True)
         thread.start()
         self.controller.listening = True
         self.metrics.ready.set(1)
         event(logging.INFO, "listening", listen=str(listen))
 
-        while not self._stop.is_set() and not self._milter_done.is_set():
-            if self._reload.wait(0.5):
-                self._reload.clear()
+        reloads_done = 0
+        while not self._stop and not self._milter_done.is_set():
+            time.sleep(0.05)
+            if self._reloads_asked != reloads_done:
+                reloads_done = self._reloads_asked  # a storm of SIGHUPs is one reload
                 self.controller.reload()
                 self.metrics.ready.set(1 if self.controller.readiness()[0] else 0)
         event(logging.INFO, "stopping: no new connections; finishing messages in progress")
         self.controller.stop()
+        # shut the listening socket first: smfi_stop() waits for a lock that libmilter's
+        # listener holds across its 5-second poll(); a shut socket ends that poll at once
+        _wake_listener(listen_fds)
         Milter.stop()
-        thread.join(timeout=30)
-        event(logging.INFO, "stopped")
-        return 0 if self._stop.is_set() else 1
+        thread.join(timeout=10)
+        # libmilter does not wait for the sessions it started: we do, for a bounded time
+        deadline = time.monotonic() + STOP_GRACE
+        while time.monotonic() < deadline and any(
+            m.session.in_progress for m in list(SidecarMilter.live)
+        ):
+            time.sleep(0.05)
+        busy = sum(1 for m in list(SidecarMilter.live) if m.session.in_progress)
+        event(logging.INFO, "stopped", unfinished_messages=busy)
+        return 0 if self._stop else 1
+
+    def _on_hup(self, signum: int, frame: object) -> None:
+        self._reloads_asked += 1
+
+    def _on_stop(self, signum: int, frame: object) -> None:
+        self._stop = True
 
     def _milter_main(self) -> None:
         try:
             Milter.milter.main()
         except Milter.milter.error as exc:
-            event(logging.ERROR, "milter stopped", error=str(exc))
+            if not self._stop:  # at a stop we shut its socket: then this error is expected
+                event(logging.ERROR, "milter stopped", error=str(exc))
         finally:
             self._milter_done.set()
 

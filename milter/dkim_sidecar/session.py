@@ -189,6 +189,11 @@ class Session:
         self._msg: _Message | None = None
         self.queue_id: str | None = None
 
+    @property
+    def in_progress(self) -> bool:
+        """A message between MAIL and its end (what a clean stop waits for)."""
+        return self._msg is not None
+
     # --- protocol events -----------------------------------------------------------------
 
     def connect(self, client_ip: str | None) -> Action:
