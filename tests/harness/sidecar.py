@@ -1,0 +1,194 @@
+"""The real `dkim-sidecar run` as a subprocess: config file, keys, ports, signals, log.
+
+Tests talk to it as Postfix would (mtaclient) or through a real Postfix, scrape its HTTP
+endpoint, and send it real signals.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dkim_sidecar.keys import SigningKey
+from dkim_sidecar.mtaclient import MilterClient, Result
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Sidecar:
+    """One dkim-sidecar process under a temp dir."""
+
+    def __init__(
+        self, workdir: Path, config: dict[str, Any], env: dict[str, str] | None = None
+    ) -> None:
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.config = {
+            "listen": f"inet:127.0.0.1:{self.port}",
+            "metrics": {"listen": f"inet:127.0.0.1:{self.metrics_port}"},
+            **config,
+        }
+        self.config_path = self.dir / "config.yml"
+        self.log_path = self.dir / "sidecar.log"
+        self.env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.write_config()
+
+    @property
+    def milter(self) -> str:
+        return f"inet:127.0.0.1:{self.port}"
+
+    @property
+    def postfix_milter(self) -> str:
+        return f"inet:127.0.0.1:{self.port}"
+
+    def write_config(self, config: dict[str, Any] | None = None) -> None:
+        if config is not None:
+            self.config = config
+        self.config_path.write_text(yaml.safe_dump(self.config))
+
+    def start(self, wait_ready: bool = True) -> Sidecar:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DKIM_SIDECAR_")}
+        env.update(self.env)
+        env["PYTHONUNBUFFERED"] = "1"
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dkim_sidecar.cli", "run", "--config", str(self.config_path)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=self.dir,
+        )
+        wait_for(self.listening, 10, "the milter to listen")
+        if wait_ready:
+            wait_for(lambda: self.http("/readyz")[0] == 200, 10, "/readyz")
+        return self
+
+    def listening(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"dkim-sidecar exited with {self.proc.returncode}:\n{self.log()}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def http(self, path: str) -> tuple[int, str]:
+        url = f"http://127.0.0.1:{self.metrics_port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+        except OSError:
+            return 0, ""
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of one sample from /metrics (0 when absent)."""
+        _, text = self.http("/metrics")
+        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        for line in text.splitlines():
+            if line.startswith("#"):
+                continue
+            key, _, value = line.rpartition(" ")
+            if "{" in key:
+                n, _, rest = key.partition("{")
+                got = ",".join(sorted(rest.rstrip("}").split(",")))
+            else:
+                n, got = key, ""
+            if n == name and got == want:
+                return float(value)
+        return 0.0
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_log(self, text: str, timeout: float = 10, count: int = 1) -> None:
+        wait_for(lambda: self.log().count(text) >= count, timeout, f"log line {text!r}")
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def reload(self, timeout: float = 10) -> None:
+        n = self.log().count("config reloaded") + self.log().count("reload failed")
+        self.signal(signal.SIGHUP)
+        wait_for(
+            lambda: self.log().count("config reloaded") + self.log().count("reload failed") > n,
+            timeout,
+            "the reload",
+        )
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+        return int(self.proc.returncode)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    # --- driving it as an MTA ----------------------------------------------------------------
+
+    def client(self) -> MilterClient:
+        c = MilterClient(self.milter, timeout=30)
+        c.negotiate()
+        return c
+
+    def send(self, message: bytes, client_ip: str = "192.0.2.10", **kw: Any) -> Result:
+        """One connection, one message: the Result says what the milter did."""
+        with self.client() as c:
+            r = c.connect(client_ip)
+            if r != "continue":
+                return Result(r, "connect", message=message)
+            return c.send_message(message, **kw)
+
+
+def dns_table(keys: list[SigningKey]) -> dict[str, str]:
+    return {k.dns_name: k.dns_record() for k in keys}
+
+
+def write_keys(directory: Path, keys: list[tuple[str, str, bytes]]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for domain, selector, pem in keys:
+        path = directory / f"{domain}.{selector}.key"
+        path.write_bytes(pem)
+        path.chmod(0o600)
