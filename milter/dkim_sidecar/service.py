@@ -143,6 +143,8 @@ class SidecarMilter(Milter.Base):  # type: ignore[misc]
         # the address the MTA reports for the client: never a header, never a macro
         ip = hostaddr[0] if family in (socket.AF_INET, socket.AF_INET6) and hostaddr else None
         self.session.exact_headers = bool(self._protocol & Milter.P_HDR_LEADSPC)
+        if self.controller.draining:
+            return Milter.ACCEPT  # stopping: new connections pass unsigned
         return _ACTIONS[self.session.connect(ip)]
 
     @Milter.nocallback
@@ -215,15 +217,31 @@ class SidecarMilter(Milter.Base):  # type: ignore[misc]
 STOP_GRACE = 25.0  # seconds messages in progress get at SIGTERM (Docker waits 10 s by default)
 
 
-def _wake_listener(fds: set[int]) -> None:
-    """Stop new connections now: shutdown() on the listening socket makes libmilter's poll()
-    return at once (Linux), where smfi_stop() alone waits up to 5 s."""
+def _stop_libmilter(fds: set[int]) -> None:
+    """smfi_stop() without its wait: it blocks on a lock that libmilter's listener holds across
+    a 5-second poll(). Stop from a helper thread and wake that poll with connections of our
+    own. (A shutdown() of the listening socket would be quicker, but libmilter takes the poll
+    error as a failure and aborts every open session.)"""
+    stopper = threading.Thread(target=Milter.stop, name="milter-stop", daemon=True)
+    stopper.start()
+    addresses = []
     for fd in fds:
         try:
-            with socket.socket(fileno=os.dup(fd)) as s:
-                s.shutdown(socket.SHUT_RDWR)
+            with socket.socket(fileno=os.dup(fd)) as listener:
+                family, address = listener.family, listener.getsockname()
         except OSError:
-            pass  # already closed by libmilter: it is on its way out anyway
+            continue
+        if family in (socket.AF_INET, socket.AF_INET6) and address[0] in ("0.0.0.0", "::"):
+            address = ("127.0.0.1" if family == socket.AF_INET else "::1", address[1])
+        addresses.append((family, address))
+    for _ in range(40):
+        for family, address in addresses:
+            with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_STREAM) as s:
+                s.settimeout(0.5)
+                s.connect(address)
+        stopper.join(0.05)
+        if not stopper.is_alive():
+            return
 
 
 def _listen_fds() -> set[int]:
@@ -325,18 +343,19 @@ class Service:
                 self.metrics.ready.set(1 if self.controller.readiness()[0] else 0)
         event(logging.INFO, "stopping: no new connections; finishing messages in progress")
         self.controller.stop()
-        # shut the listening socket first: smfi_stop() waits for a lock that libmilter's
-        # listener holds across its 5-second poll(); a shut socket ends that poll at once
-        _wake_listener(listen_fds)
-        Milter.stop()
-        thread.join(timeout=10)
-        # libmilter does not wait for the sessions it started: we do, for a bounded time
+        # Not smfi_stop() first: once smfi_main() returns, pymilter no longer calls into
+        # Python and the sessions still open are dropped. So: let new connections go at
+        # connect (unsigned, as if we were down), wait (bounded) for the messages in
+        # progress, then stop libmilter.
+        self.controller.draining = True
         deadline = time.monotonic() + STOP_GRACE
         while time.monotonic() < deadline and any(
             m.session.in_progress for m in list(SidecarMilter.live)
         ):
             time.sleep(0.05)
         busy = sum(1 for m in list(SidecarMilter.live) if m.session.in_progress)
+        _stop_libmilter(listen_fds)
+        thread.join(timeout=5)
         event(logging.INFO, "stopped", unfinished_messages=busy)
         return 0 if self._stop else 1
 
@@ -350,8 +369,7 @@ class Service:
         try:
             Milter.milter.main()
         except Milter.milter.error as exc:
-            if not self._stop:  # at a stop we shut its socket: then this error is expected
-                event(logging.ERROR, "milter stopped", error=str(exc))
+            event(logging.ERROR, "milter stopped", error=str(exc))
         finally:
             self._milter_done.set()
 
