@@ -1,0 +1,65 @@
+"""Shared fixtures. Keep the logic in tests/harness/; this file only wires it to pytest."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+
+import pytest
+
+from harness.postfix import PostfixInstance, postfix_available
+from harness.sink import SmtpSink
+
+PostfixFactory = Callable[..., PostfixInstance]
+
+
+@pytest.fixture
+def smtp_sink() -> Iterator[SmtpSink]:
+    """A started byte-exact SMTP sink on 127.0.0.1 (random port)."""
+    sink = SmtpSink().start()
+    try:
+        yield sink
+    finally:
+        sink.stop()
+
+
+@pytest.fixture
+def postfix_factory() -> Iterator[PostfixFactory]:
+    """``make(milters="", extra_main_cf=None, **kw)`` -> a started PostfixInstance that
+    relays to its own fresh SmtpSink (``instance.sink``). Everything is stopped and removed
+    at teardown. ``kw`` goes to PostfixInstance (milter_default_action, extra_mynetworks,
+    ipv6)."""
+    if not postfix_available():
+        pytest.skip("Postfix is not installed (/usr/sbin/postfix missing)")
+    if os.geteuid() != 0:
+        pytest.fail("the Postfix harness must run as root (it starts a real master)")
+    made: list[tuple[PostfixInstance, SmtpSink]] = []
+
+    def make(
+        milters: str = "",
+        extra_main_cf: Mapping[str, str] | None = None,
+        *,
+        milter_default_action: str = "accept",
+        extra_mynetworks: Iterable[str] = (),
+        ipv6: bool | None = None,
+    ) -> PostfixInstance:
+        sink = SmtpSink().start()
+        instance = PostfixInstance(
+            sink.port,
+            milters,
+            milter_default_action=milter_default_action,
+            extra_main_cf=extra_main_cf,
+            extra_mynetworks=extra_mynetworks,
+            ipv6=ipv6,
+        )
+        instance.sink = sink
+        made.append((instance, sink))
+        instance.start()
+        return instance
+
+    try:
+        yield make
+    finally:
+        for instance, sink in reversed(made):
+            instance.cleanup()
+            sink.stop()
