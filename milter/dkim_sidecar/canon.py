@@ -144,9 +144,9 @@ class BodyCanonicalizer:
 
     def _lines(self, block: bytes) -> None:
         """Canonicalize whole lines: `block` ends with CRLF."""
-        if self._relaxed:
-            # §3.4.4 a, b: a WSP run becomes one SP; WSP at a line end goes. The `in` scans are
-            # cheap and let most blocks (base64, plain prose) skip the regex and the copy.
+        if self._relaxed and (b" " in block or b"\t" in block):
+            # §3.4.4 a, b: a WSP run becomes one SP; WSP at a line end goes. The one-octet
+            # scans (memchr) let base64 bodies skip all of it; prose mostly skips the regex.
             if b"\t" in block or b"  " in block:
                 block = _WSP_RUN.sub(b" ", block)
             if b" \r\n" in block:
@@ -162,14 +162,16 @@ class BodyCanonicalizer:
         self._line_open = False
 
     def _flush_partial(self) -> None:
-        """Pass on the safe prefix of a long partial line: all but a final CR run (an LF may
-        follow) and, for relaxed, all but the WSP run before it (it may end the line)."""
+        """Pass on the safe prefix of a long partial line: all but a final CR (an LF may follow)
+        and, for relaxed, the WSP just before it (it may end the line). Only the last CR can
+        still pair with an LF: a CR before it is line content already."""
         data = self._carry
+        cr = 1 if data.endswith(b"\r") else 0
         if self._relaxed:
-            data = _WSP_RUN.sub(b" ", data)
-            safe = len(data.rstrip(b"\r").rstrip(_WSP))
+            data = _WSP_RUN.sub(b" ", data)  # a run is one SP now: at most one octet held
+            safe = len(data[: len(data) - cr].rstrip(_WSP))
         else:
-            safe = len(data.rstrip(b"\r"))
+            safe = len(data) - cr
         self._carry = data[safe:]
         if safe:
             self._emit(data[:safe])
