@@ -141,14 +141,20 @@ class Controller:
     def _make_slots(self, config: cfg.Config, old: list[_Slot]) -> list[_Slot]:
         slots = []
         for spec in config.keys.sources:
-            reuse = next((s for s in old if s.spec == spec and s.source is not None), None)
-            if reuse is not None:
-                slots.append(reuse)  # keeps its connection pool and its last good keys
-                continue
+            # Always a new source: it reads the Redis password again, so a fixed password file
+            # takes effect at SIGHUP. An unchanged spec keeps its last good keys.
             try:
-                slots.append(_Slot(spec, make_source(spec, config, self.env), None))
+                slot = _Slot(spec, make_source(spec, config, self.env), None)
             except SourceUnavailable as exc:
-                slots.append(_Slot(spec, None, str(exc)))
+                slot = _Slot(spec, None, str(exc))
+            previous = next((s for s in old if s.spec == spec), None)
+            if previous is not None:
+                slot.last, slot.up = previous.last, previous.up
+            slots.append(slot)
+        for s in old:  # their connection pools (the lock is held: no load is running)
+            close = getattr(s.source, "close", None)
+            if close is not None:
+                close()
         return slots
 
     def _load_slots(self, slots: list[_Slot]) -> tuple[KeySet, bool]:

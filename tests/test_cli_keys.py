@@ -1,0 +1,369 @@
+"""The operator commands, run as the installed `dkim-sidecar` script: `keys` over a key
+directory and Mailcow's Redis, `check-config`, `genkey` → `sign` → `verify`, key errors,
+`--version`. Every signature is also checked by dkimpy directly."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import dkim
+import pytest
+import redis
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from dkim_sidecar import __version__
+from dkim_sidecar.keys import SigningKey
+from harness.redis import RedisServer, mailcow_pub_b64, seed_mailcow
+
+CLI = Path(sys.executable).parent / "dkim-sidecar"
+PASSWORD = secrets.token_urlsafe(48)
+
+# 512 bits: too small to sign with (RFC 8301); cryptography refuses to generate one, so it was
+# made once with `openssl genrsa 512`.
+RSA_512_PEM = b"""-----BEGIN PRIVATE KEY-----
+MIIBVgIBADANBgkqhkiG9w0BAQEFAASCAUAwggE8AgEAAkEAxlJ6JNkEcsGenYv8
+2KKPcTA5EiOAVZJoEeNoVJr/dH6MvUHAEglAovJ3kr9gn2l5/q7QUbAA63Je0Rot
+apIVOwIDAQABAkEAm3Btd4/4opEK5uSfapQO5WIseQEGRwuXMd4RGa7aZcygiqkD
+3RSf+YNv0XRh47ygbmv2fTcUo5Le7ePNvce4kQIhAO0nA+NVtWpBOkW2Acs8b4IG
+6A3Ux6cuGY6HBo3ex8JVAiEA1hVxA4eGt5nPgzQ+7/t4LbfmypNoJZ2IU7q6Tf4X
+qU8CIHjL1LkpYRzcWLhFeyhwgkPzDKRu67uGSdJFiNsezRV5AiEAmZ2VFIVBA6mY
+n3rz1lvJZnTZZG7VgnhBhGMuoBw9ej0CIQC0Jiz+azMqVlv/YFBVDWPu+Hfc08uk
+3OyedbR0y5sdCg==
+-----END PRIVATE KEY-----
+"""
+
+MESSAGE = (
+    b"From: Alice <alice@example.com>\n"
+    b"To: Bob <bob@example.net>\n"
+    b"Subject: round trip\n"
+    b"Date: Sat, 28 Nov 2026 10:00:00 +0000\n"
+    b"Message-ID: <rt@example.com>\n"
+    b"\n"
+    b"Hello,  world \n"
+    b"\n"
+)
+
+
+def run(
+    *args: str, stdin: bytes = b"", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DKIM_SIDECAR_")}
+    base.pop("REDISPASS", None)
+    base.update(env or {})
+    return subprocess.run(
+        [str(CLI), *args], input=stdin, capture_output=True, env=base, timeout=60, check=False
+    )
+
+
+def text(p: subprocess.CompletedProcess[bytes]) -> tuple[str, str]:
+    return p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace")
+
+
+def pkcs8(key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def pkcs1(key: rsa.RSAPrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+
+
+def parse_keys_output(out: str) -> dict[tuple[str, str], dict[str, str]]:
+    """`keys` prints, per key, `domain<TAB>selector<TAB>algorithm<TAB>N bits<TAB>source`
+    and under it `  <name> TXT "<record>"`."""
+    rows: dict[tuple[str, str], dict[str, str]] = {}
+    lines = out.splitlines()
+    for line, dns in zip(lines[::2], lines[1::2], strict=True):
+        domain, selector, algorithm, bits, source = line.split("\t")
+        m = re.fullmatch(r'  (\S+) TXT "(.*)"', dns)
+        assert m, dns
+        rows[(domain, selector)] = {
+            "algorithm": algorithm,
+            "bits": bits,
+            "source": source,
+            "name": m[1],
+            "txt": m[2],
+        }
+    return rows
+
+
+# -- keys: a directory and Mailcow's Redis --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mailcow() -> Iterator[tuple[RedisServer, redis.Redis]]:
+    with RedisServer(password=PASSWORD) as server:
+        client = server.client()
+        try:
+            yield server, client
+        finally:
+            client.close()
+
+
+@pytest.fixture(scope="module")
+def material() -> dict[str, bytes]:
+    return {
+        "gen": pkcs8(rsa.generate_private_key(public_exponent=65537, key_size=2048)),
+        "imp": pkcs1(rsa.generate_private_key(public_exponent=65537, key_size=1024)),
+        "dir_rsa": pkcs8(rsa.generate_private_key(public_exponent=65537, key_size=1024)),
+        "dir_ed": pkcs8(ed25519.Ed25519PrivateKey.generate()),
+    }
+
+
+@pytest.fixture
+def setup(
+    tmp_path: Path, mailcow: tuple[RedisServer, redis.Redis], material: dict[str, bytes]
+) -> tuple[Path, Path, redis.Redis]:
+    """A key directory (RSA + Ed25519 for dir.example) and Redis (two Mailcow domains)."""
+    server, client = mailcow
+    client.flushall()
+    seed_mailcow(client, "gen.example", "dkim", material["gen"], mailcow_pub_b64(material["gen"]))
+    seed_mailcow(client, "imp.example", "s2019", material["imp"], mailcow_pub_b64(material["imp"]))
+    keydir = tmp_path / "keys"
+    keydir.mkdir()
+    (keydir / "dir.example.rsa1.key").write_bytes(material["dir_rsa"])
+    (keydir / "dir.example.ed1.key").write_bytes(material["dir_ed"])
+    config = tmp_path / "config.yml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "relay_networks": ["192.0.2.0/24"],
+                "keys": {
+                    "directory": str(keydir),
+                    "redis": {"host": "127.0.0.1", "port": server.port},
+                },
+            }
+        )
+    )
+    return config, keydir, client
+
+
+def test_keys_lists_directory_and_redis_keys_with_dns_records(
+    setup: tuple[Path, Path, redis.Redis], mailcow: tuple[RedisServer, redis.Redis]
+) -> None:
+    config, keydir, client = setup
+    port = mailcow[0].port
+    p = run("keys", "--config", str(config), env={"REDISPASS": PASSWORD})
+    out, err = text(p)
+    assert p.returncode == 0, err
+    assert err == ""
+    rows = parse_keys_output(out)
+    assert set(rows) == {
+        ("dir.example", "ed1"),
+        ("dir.example", "rsa1"),
+        ("gen.example", "dkim"),
+        ("imp.example", "s2019"),
+    }
+    expect = {
+        ("dir.example", "ed1"): ("ed25519-sha256", "256 bits", f"directory {keydir}", "ed25519"),
+        ("dir.example", "rsa1"): ("rsa-sha256", "1024 bits", f"directory {keydir}", "rsa"),
+        ("gen.example", "dkim"): ("rsa-sha256", "2048 bits", f"redis 127.0.0.1:{port}", "rsa"),
+        ("imp.example", "s2019"): ("rsa-sha256", "1024 bits", f"redis 127.0.0.1:{port}", "rsa"),
+    }
+    for (domain, selector), (algorithm, bits, source, k) in expect.items():
+        row = rows[(domain, selector)]
+        assert (row["algorithm"], row["bits"], row["source"]) == (algorithm, bits, source)
+        assert row["name"] == f"{selector}._domainkey.{domain}"
+        assert row["txt"].startswith(f"v=DKIM1; k={k}; p=")
+    # for Mailcow's keys, the record is exactly what Mailcow's UI tells the admin to publish
+    for domain, selector in (("gen.example", "dkim"), ("imp.example", "s2019")):
+        published = client.hget("DKIM_PUB_KEYS", domain)
+        assert published is not None
+        assert rows[(domain, selector)]["txt"] == f"v=DKIM1; k=rsa; p={published.decode()}"
+    # for the directory's keys, the public half of the file
+    for selector in ("ed1", "rsa1"):
+        data = (keydir / f"dir.example.{selector}.key").read_bytes()
+        key = SigningKey.load("dir.example", selector, data)
+        assert rows[("dir.example", selector)]["txt"] == key.dns_record()
+    assert PASSWORD not in out + err
+    assert "PRIVATE KEY" not in out + err
+
+
+@pytest.mark.parametrize("where", ["redis", "directory"])
+def test_keys_exits_nonzero_when_one_key_is_unusable(
+    setup: tuple[Path, Path, redis.Redis], where: str
+) -> None:
+    config, keydir, client = setup
+    body = secrets.token_urlsafe(60)
+    garbage = f"-----BEGIN PRIVATE KEY-----\n{body}\n-----END PRIVATE KEY-----\n".encode()
+    if where == "redis":
+        client.hset("DKIM_SELECTORS", "bad.example", "broken")
+        client.hset("DKIM_PRIV_KEYS", "broken.bad.example", garbage)
+        client.hset("DKIM_PUB_KEYS", "bad.example", "AAAA")
+    else:
+        (keydir / "bad.example.broken.key").write_bytes(garbage)
+    p = run("keys", "--config", str(config), env={"REDISPASS": PASSWORD})
+    out, err = text(p)
+    assert p.returncode != 0
+    assert "Traceback" not in err
+    # the usable keys are still listed
+    assert set(parse_keys_output(out)) == {
+        ("dir.example", "ed1"),
+        ("dir.example", "rsa1"),
+        ("gen.example", "dkim"),
+        ("imp.example", "s2019"),
+    }
+    problems = [line for line in err.splitlines() if line.startswith("unusable:")]
+    assert len(problems) == 1, err
+    assert "bad.example" in problems[0] and "broken" in problems[0]
+    assert body not in out + err and body[:16] not in out + err
+
+
+def test_keys_with_wrong_redis_password_says_so_without_the_password(
+    setup: tuple[Path, Path, redis.Redis],
+) -> None:
+    config, _, _ = setup
+    wrong = secrets.token_urlsafe(48)
+    p = run("keys", "--config", str(config), env={"REDISPASS": wrong})
+    out, err = text(p)
+    assert p.returncode != 0
+    assert "unreachable:" in err and "authentication failed" in err
+    assert ("dir.example", "rsa1") in parse_keys_output(out)  # the directory still answers
+    assert wrong not in out + err and PASSWORD not in out + err
+    assert "Traceback" not in err
+
+
+# -- check-config ---------------------------------------------------------------------------------
+
+
+def test_check_config_ok(setup: tuple[Path, Path, redis.Redis]) -> None:
+    config, _, _ = setup
+    p = run("check-config", "--config", str(config), env={"REDISPASS": PASSWORD})
+    out, err = text(p)
+    assert p.returncode == 0, err
+    assert out.strip() == f"{config}: config OK; 4 keys for 3 domains"
+
+
+def test_check_config_reports_every_mistake_with_file_and_key_path(tmp_path: Path) -> None:
+    config = tmp_path / "dkim-sidecar.yml"
+    config.write_text(
+        "relay_networks:\n"
+        "  - 192.0.2.0/24\n"
+        "  - 192.0.2.0/33\n"  # 1: no such prefix length
+        "on_error: maybe\n"  # 2: not a choice
+        "keys:\n"
+        "  redis:\n"
+        "    host: 127.0.0.1\n"
+        "    port: 70000\n"  # 3: not a port
+    )
+    p = run("check-config", "--config", str(config))
+    out, err = text(p)
+    assert p.returncode != 0
+    assert "Traceback" not in err and "config OK" not in out
+    lines = [line for line in err.splitlines() if line.startswith(f"{config}: ")]
+    assert len(lines) == 3, err
+    paths = [line.removeprefix(f"{config}: ").split(":", 1)[0] for line in lines]
+    assert paths == ["relay_networks[1]", "on_error", "keys.redis.port"]
+    assert "192.0.2.0/33" in lines[0]
+    assert "maybe" in lines[1] and "accept" in lines[1] and "tempfail" in lines[1]
+    assert "70000" in lines[2]
+
+
+# -- genkey, sign, verify -------------------------------------------------------------------------
+
+
+def genkey(out: Path, selector: str, *extra: str) -> tuple[Path, str, str]:
+    """`genkey`: the key file, and the DNS record it prints (name, TXT)."""
+    p = run("genkey", "-d", "example.com", "-s", selector, "--out", str(out), *extra)
+    stdout, err = text(p)
+    assert p.returncode == 0, err
+    m = re.search(r'^(\S+)\. IN TXT "(.*)"$', stdout, re.M)
+    assert m, stdout
+    path = out / f"example.com.{selector}.key"
+    assert path.exists() and path.stat().st_mode & 0o077 == 0  # 0600
+    return path, m[1], m[2]
+
+
+def test_sign_then_verify_round_trip(tmp_path: Path) -> None:
+    rsa_file, rsa_name, rsa_txt = genkey(tmp_path, "rsa1", "--bits", "1024")
+    ed_file, ed_name, ed_txt = genkey(tmp_path, "ed1", "--algorithm", "ed25519")
+    assert rsa_name == "rsa1._domainkey.example.com" and rsa_txt.startswith("v=DKIM1; k=rsa; p=")
+    assert ed_txt.startswith("v=DKIM1; k=ed25519; p=")
+
+    p = run(
+        "sign",
+        *("-d", "example.com", "-s", "rsa1", "-k", str(rsa_file), "-s", "ed1", "-k", str(ed_file)),
+        stdin=MESSAGE,
+    )
+    signed, err = p.stdout, p.stderr.decode()
+    assert p.returncode == 0, err
+    assert signed.startswith(b"DKIM-Signature: v=1; a=rsa-sha256;")
+    assert signed.endswith(MESSAGE.replace(b"\n", b"\r\n"))
+
+    records = ["--record", f"{rsa_name}={rsa_txt}", "--record", f'{ed_name}="{ed_txt}"']
+    p = run("verify", *records, stdin=signed)
+    out, err = text(p)
+    assert p.returncode == 0, out + err
+    assert out.splitlines() == [
+        "signature 1: d=example.com s=rsa1 a=rsa-sha256: pass",
+        "signature 2: d=example.com s=ed1 a=ed25519-sha256: pass",
+    ]
+
+    # dkimpy, directly
+    dns = {f"{rsa_name}.".encode(): rsa_txt.encode(), f"{ed_name}.".encode(): ed_txt.encode()}
+    d = dkim.DKIM(signed)
+    for i in range(2):
+        assert d.verify(idx=i, dnsfunc=lambda name, timeout=5: dns.get(name))
+
+    # a changed body fails both, and verify says so with exit 1
+    p = run("verify", *records, stdin=signed.replace(b"Hello,", b"Hullo,"))
+    out, _ = text(p)
+    assert p.returncode == 1
+    assert out.count("FAIL") == 2
+    # a wrong published key fails too
+    _, _, other_txt = genkey(tmp_path / "other", "rsa1", "--bits", "1024")
+    p = run("verify", "--record", f"{rsa_name}={other_txt}", stdin=signed)
+    assert p.returncode == 1
+
+
+@pytest.mark.parametrize(
+    ("pem", "why"),
+    [
+        (RSA_512_PEM, "RSA key of 512 bits is too small"),
+        (
+            b"-----BEGIN PRIVATE KEY-----\nMIIBVgIBADANBgkqhkiG9w0BAQEFAASC\n"
+            b"-----END PRIVATE KEY-----\n",
+            "not a readable PEM private key",
+        ),
+        (b"-----BEGIN RSA PRIVATE KEY-----\n", "not a readable PEM private key"),
+    ],
+    ids=["rsa-512", "malformed-pem", "truncated-pem"],
+)
+def test_sign_with_an_unusable_key_gives_one_clear_line(
+    tmp_path: Path, pem: bytes, why: str
+) -> None:
+    key = tmp_path / "bad.key"
+    key.write_bytes(pem)
+    p = run("sign", "-d", "example.com", "-s", "s1", "-k", str(key), stdin=MESSAGE)
+    out, err = text(p)
+    assert p.returncode == 2
+    assert out == ""  # nothing half-signed on stdout
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("dkim-sidecar: error: s1._domainkey.example.com")
+    assert why in lines[0]
+    assert str(key) in lines[0]  # which file
+
+
+def test_version() -> None:
+    p = run("--version")
+    out, err = text(p)
+    assert p.returncode == 0, err
+    assert out.strip() == f"dkim-sidecar {__version__}"
+    assert re.fullmatch(r"\d+\.\d+\.\d+\S*", __version__)
