@@ -543,11 +543,6 @@ def test_fixed_password_file_takes_effect_at_sighup(
         metric_until(s, "dkim_sidecar_redis_up", 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="service.py sets dkim_sidecar_ready to 1 once the milter listens and never looks at "
-    "the keys again (only after a SIGHUP), while /readyz says 503 'no key snapshot loaded yet'",
-)
 def test_ready_metric_agrees_with_readyz_when_redis_refuses(
     tmp_path: Path, server: RedisServer, seeded: redis.Redis
 ) -> None:

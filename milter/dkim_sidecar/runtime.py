@@ -111,6 +111,7 @@ class _Slot:
         self.error = error  # why the source could not even be built (e.g. password file)
         self.last: SourceResult | None = None
         self.up = False
+        self.warned = False  # the "unreachable" line is logged once per outage, not per retry
 
 
 class Controller:
@@ -164,6 +165,9 @@ class Controller:
             was_up = slot.up
             if slot.source is None:
                 slot.up, all_ok = False, False
+                if slot.warned:
+                    continue
+                slot.warned = True
                 event(
                     logging.WARNING,
                     "key source unusable",
@@ -174,9 +178,11 @@ class Controller:
             try:
                 slot.last = slot.source.load()
                 slot.up = True
+                slot.warned = False
             except SourceUnavailable as exc:
                 slot.up, all_ok = False, False
-                if was_up or slot.last is None:
+                if not slot.warned:
+                    slot.warned = True
                     event(
                         logging.WARNING,
                         "key source unreachable, keeping its last keys",

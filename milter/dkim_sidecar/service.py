@@ -18,6 +18,7 @@ signal handlers: SIGHUP reloads, SIGTERM and SIGINT stop.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -301,6 +302,8 @@ class Service:
             assert ml.host is not None and ml.port is not None
             serve_http(ml.host, ml.port, family, self.metrics, self.controller.readiness)
         self.controller.start_refresher()
+        # computed at each scrape, so it always agrees with /readyz
+        self.metrics.ready.set_function(lambda: 1.0 if self.controller.readiness()[0] else 0.0)
         signal.signal(signal.SIGHUP, self._on_hup)
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
@@ -318,10 +321,11 @@ class Service:
         _set_callbacks()
         Milter.setconn(listen.to_libmilter())
         Milter.settimeout(600)
+        _set_max_command_size(max(config.limits.max_header_bytes, 1 << 20) + 65536)
         Milter.register(
             "dkim-sidecar",
-            data=lambda ctx: ctx.getpriv().data(),
-            unknown=lambda ctx, cmd: ctx.getpriv().unknown(cmd),
+            data=_pass_on("data"),
+            unknown=_pass_on("unknown"),
             negotiate=Milter.negotiate_callback,
         )
         before = _listen_fds()
@@ -331,7 +335,6 @@ class Service:
         thread = threading.Thread(target=self._milter_main, name="milter", daemon=True)
         thread.start()
         self.controller.listening = True
-        self.metrics.ready.set(1)
         event(logging.INFO, "listening", listen=str(listen))
 
         reloads_done = 0
@@ -340,7 +343,6 @@ class Service:
             if self._reloads_asked != reloads_done:
                 reloads_done = self._reloads_asked  # a storm of SIGHUPs is one reload
                 self.controller.reload()
-                self.metrics.ready.set(1 if self.controller.readiness()[0] else 0)
         event(logging.INFO, "stopping: no new connections; finishing messages in progress")
         self.controller.stop()
         # Not smfi_stop() first: once smfi_main() returns, pymilter no longer calls into
@@ -374,16 +376,53 @@ class Service:
             self._milter_done.set()
 
 
+def _set_max_command_size(size: int) -> None:
+    """Let libmilter take commands up to `size` bytes (its default is 64 KB).
+
+    Postfix sends each header field in one command, up to its header_size_limit (100 KB by
+    default); libmilter drops the whole connection on a command over its limit (SMFIC_TOOBIG),
+    and the MTA then falls back to its default action. pymilter does not wrap
+    smfi_setmaxdatasize(), so it is called on the libmilter that pymilter's module links.
+    """
+    try:
+        setter = ctypes.CDLL(Milter.milter.__file__).smfi_setmaxdatasize
+    except (OSError, AttributeError):
+        event(logging.WARNING, "cannot raise libmilter's 64 KB command limit")
+        return
+    setter.argtypes = [ctypes.c_size_t]
+    setter.restype = ctypes.c_size_t
+    setter(size)
+
+
 def _set_callbacks() -> None:
     """What Milter.runmilter sets up, without its opensocket/main (we need the socket)."""
     m = Milter.milter
     m.set_connect_callback(Milter.connect_callback)
-    m.set_helo_callback(lambda ctx, host: ctx.getpriv().hello(host))
-    m.set_envfrom_callback(lambda ctx, *b: ctx.getpriv().envfrom_bytes(*b))
-    m.set_envrcpt_callback(lambda ctx, *b: ctx.getpriv().envrcpt_bytes(*b))
-    m.set_header_callback(lambda ctx, f, v: ctx.getpriv().header_bytes(f, v))
-    m.set_eoh_callback(lambda ctx: ctx.getpriv().eoh())
-    m.set_body_callback(lambda ctx, chunk: ctx.getpriv().body(chunk))
-    m.set_eom_callback(lambda ctx: ctx.getpriv().eom())
-    m.set_abort_callback(lambda ctx: ctx.getpriv().abort())
+    m.set_helo_callback(_pass_on("hello"))
+    m.set_envfrom_callback(_pass_on("envfrom_bytes"))
+    m.set_envrcpt_callback(_pass_on("envrcpt_bytes"))
+    m.set_header_callback(_pass_on("header_bytes", Milter.CONTINUE))
+    m.set_eoh_callback(_pass_on("eoh"))
+    m.set_body_callback(_pass_on("body"))
+    m.set_eom_callback(_pass_on("eom"))
+    m.set_abort_callback(_pass_on("abort", Milter.CONTINUE))
     m.set_close_callback(Milter.close_callback)
+
+
+def _pass_on(method: str, orphan: int = Milter.ACCEPT) -> Callable[..., int]:
+    """The libmilter callback for one event: the connection's SidecarMilter handles it.
+
+    An MTA that sends MAIL, a header or an unknown command before any option negotiation or
+    connect (or after QUIT_NC) has no SidecarMilter yet: no client address, nothing to sign,
+    so the event gets `orphan` (accept; continue where no reply is expected) instead of an
+    AttributeError in the log.
+    """
+
+    def callback(ctx: Any, *args: Any) -> int:
+        milter = ctx.getpriv()
+        if milter is None:
+            return orphan
+        return int(getattr(milter, method)(*args))
+
+    callback.__name__ = method
+    return callback
