@@ -9,6 +9,7 @@ import base64
 import binascii
 import enum
 import re
+import unicodedata
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -48,13 +49,27 @@ def check_dns_name(name: str, what: str = "domain") -> str:
     text = name.strip().rstrip(".").lower()
     if not text.isascii():
         try:
-            text = text.encode("idna").decode("ascii")
+            labels = [_a_label(label) for label in text.split(".")]
         except UnicodeError:
             raise KeyLoadError(f"{name!r} is not a valid {what} name") from None
+        text = ".".join(labels)
     labels = text.split(".")
     if not text or len(text) > 253 or not all(_LABEL.match(label) for label in labels):
         raise KeyLoadError(f"{name!r} is not a valid {what} name")
     return text
+
+
+def _a_label(label: str) -> str:
+    """One label as an A-label. Python's codec is IDNA 2003 (RFC 3490), which maps some
+    labels onto another name (ß -> ss, final sigma -> sigma, ZWJ/ZWNJ dropped, compatibility
+    forms) where IDNA 2008 (RFC 5890) keeps them apart: `straße` would be signed as `strasse`,
+    someone else's domain. Only labels that map back to themselves are taken."""
+    if label.isascii():
+        return label
+    a_label = label.encode("idna").decode("ascii")
+    if a_label.encode("ascii").decode("idna") != unicodedata.normalize("NFC", label):
+        raise UnicodeError(f"{label!r} is not the same name under IDNA 2008")
+    return a_label
 
 
 def parse_private_key(data: bytes) -> PrivateKey:
