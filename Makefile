@@ -53,9 +53,11 @@ venv: $(VENV)/.installed
 run: system-run venv
 	$(PY) -m dkim_sidecar.demo
 
+LINT_DIRS := milter tests $(wildcard bench)
+
 lint: venv
-	$(VENV)/bin/ruff check milter tests bench
-	$(VENV)/bin/ruff format --check milter tests bench
+	$(VENV)/bin/ruff check $(LINT_DIRS)
+	$(VENV)/bin/ruff format --check $(LINT_DIRS)
 	$(VENV)/bin/mypy
 
 test: system-test venv lint
