@@ -131,7 +131,10 @@ class Controller:
         self._wake = threading.Event()
         self._stopped = threading.Event()
         self._generation = 0
-        self._slots = self._make_slots(config, [])
+        # the key sources are built by the first refresh, off the start-up path: importing and
+        # setting up a Redis client must not delay the milter's listening socket
+        self._slots: list[_Slot] = []
+        self._slots_built = False
         self.keys_loaded_once = False
         self.current = Runtime.build(config, KeySet(), 0)
         self.listening = False
@@ -205,6 +208,9 @@ class Controller:
         """Reload the keys of the current config; returns True when every source answered."""
         with self._lock:
             old = self.current
+            if not self._slots_built:
+                self._slots = self._make_slots(old.config, [])
+                self._slots_built = True
             keys, all_ok = self._load_slots(self._slots)
             self._publish(Runtime.build(old.config, keys, old.generation), keys, all_ok)
             return all_ok
@@ -267,7 +273,7 @@ class Controller:
             config = _keep_restart_settings(old.config, config)
             slots = self._make_slots(config, self._slots)
             keys, all_ok = self._load_slots(slots)
-            self._slots = slots
+            self._slots, self._slots_built = slots, True
             self._generation += 1
             self._publish(Runtime.build(config, keys, self._generation), keys, all_ok)
             self.metrics.reloads.labels("ok").inc()

@@ -296,14 +296,6 @@ class Service:
             listen=str(config.listen),
             config=self.controller.config_path or "<built-in defaults>",
         )
-        if config.metrics.listen is not None:
-            ml = config.metrics.listen
-            family = socket.AF_INET6 if ml.kind is ListenKind.INET6 else socket.AF_INET
-            assert ml.host is not None and ml.port is not None
-            serve_http(ml.host, ml.port, family, self.metrics, self.controller.readiness)
-        self.controller.start_refresher()
-        # computed at each scrape, so it always agrees with /readyz
-        self.metrics.ready.set_function(lambda: 1.0 if self.controller.readiness()[0] else 0.0)
         signal.signal(signal.SIGHUP, self._on_hup)
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
@@ -336,6 +328,15 @@ class Service:
         thread.start()
         self.controller.listening = True
         event(logging.INFO, "listening", listen=str(listen))
+        # after the milter socket: mail is answered first, keys and metrics follow at once
+        self.controller.start_refresher()
+        if config.metrics.listen is not None:
+            ml = config.metrics.listen
+            family = socket.AF_INET6 if ml.kind is ListenKind.INET6 else socket.AF_INET
+            assert ml.host is not None and ml.port is not None
+            serve_http(ml.host, ml.port, family, self.metrics, self.controller.readiness)
+        # computed at each scrape, so it always agrees with /readyz
+        self.metrics.ready.set_function(lambda: 1.0 if self.controller.readiness()[0] else 0.0)
 
         reloads_done = 0
         while not self._stop and not self._milter_done.is_set():
