@@ -286,6 +286,7 @@ class Service:
         self._stop = False
         self._reloads_asked = 0
         self._milter_done = threading.Event()
+        self._failed = False
 
     def run(self) -> int:
         config = self.config
@@ -321,7 +322,13 @@ class Service:
             negotiate=Milter.negotiate_callback,
         )
         before = _listen_fds()
-        Milter.opensocket(True)
+        try:
+            Milter.opensocket(True)
+        except Milter.milter.error:
+            event(
+                logging.ERROR, "cannot listen (address in use, or not allowed?)", listen=str(listen)
+            )
+            return 1
         listen_fds = _listen_fds() - before
         _set_nodelay(listen_fds)
         thread = threading.Thread(target=self._milter_main, name="milter", daemon=True)
@@ -334,7 +341,15 @@ class Service:
             ml = config.metrics.listen
             family = socket.AF_INET6 if ml.kind is ListenKind.INET6 else socket.AF_INET
             assert ml.host is not None and ml.port is not None
-            serve_http(ml.host, ml.port, family, self.metrics, self.controller.readiness)
+            try:
+                serve_http(ml.host, ml.port, family, self.metrics, self.controller.readiness)
+            except OSError as exc:
+                # the health checks would fail anyway: say why and stop rather than run blind
+                event(
+                    logging.ERROR, "cannot listen for metrics", listen=str(ml), error=exc.strerror
+                )
+                self._stop = True
+                self._failed = True
         # computed at each scrape, so it always agrees with /readyz
         self.metrics.ready.set_function(lambda: 1.0 if self.controller.readiness()[0] else 0.0)
 
@@ -360,7 +375,7 @@ class Service:
         _stop_libmilter(listen_fds)
         thread.join(timeout=5)
         event(logging.INFO, "stopped", unfinished_messages=busy)
-        return 0 if self._stop else 1
+        return 1 if self._failed or not self._stop else 0
 
     def _on_hup(self, signum: int, frame: object) -> None:
         self._reloads_asked += 1
