@@ -321,7 +321,7 @@ def test_header_over_the_byte_cap_is_passed_with_header_limit(sidecar: Sidecar, 
     assert_skipped(sidecar, msg(extra=extra), "header_limit", dns)
 
 
-def test_5000_header_fields_are_passed_with_header_limit(sidecar: Sidecar, dns, proc) -> None:
+def test_5000_header_fields_are_passed_with_header_limit(sidecar: Sidecar, dns) -> None:
     extra = b"".join(b"X-Filler-%d: value %d\r\n" % (i, i) for i in range(5000))
     assert_skipped(sidecar, msg(extra=extra), "header_limit", dns)
     assert_skipped(sidecar, msg(extra=extra) + b"x" * 70_000 + b"\r\n", "header_limit", dns)
@@ -471,7 +471,7 @@ def test_abort_between_messages_changes_nothing(sidecar: Sidecar, dns) -> None:
     assert count(sidecar, "aborted") == aborted + 1  # only the one in progress counts
 
 
-def test_200_messages_on_one_connection(sidecar: Sidecar, dns, proc: Process) -> None:
+def test_200_messages_on_one_connection(sidecar: Sidecar, dns) -> None:
     signed = count(sidecar, "signed")
     with sidecar.client() as c:
         assert c.connect(RELAY) == "continue"
@@ -480,9 +480,10 @@ def test_200_messages_on_one_connection(sidecar: Sidecar, dns, proc: Process) ->
         ]
     assert all(verify(r.message, dns) == [True] for r in results)
     assert count(sidecar, "signed") == signed + 200
-    # one connection, however many messages: one line per message, no state carried over
-    bhs = {tag(r.signatures[0], b"bh") for r in results}
-    assert len(bhs) == 200
+    # each message its own body hash (no state carried over) and its own log line
+    assert len({tag(r.signatures[0], b"bh") for r in results}) == 200
+    sidecar.wait_log("queue_id=Q199 ")
+    assert all(f"queue_id=Q{i} " in sidecar.log() for i in (0, 1, 99, 198))
 
 
 def test_300_connections_at_once(sidecar: Sidecar, dns, proc: Process) -> None:
