@@ -254,6 +254,7 @@ class Controller:
         with self._lock:
             old = self.current
             try:
+                _refuse_empty(self.config_path)
                 config = load_config(self.config_path, self.env)
             except ConfigError as exc:
                 self.metrics.reloads.labels("failed").inc()
@@ -330,6 +331,22 @@ class Controller:
         if len(self.current.keys) == 0:
             return False, "no usable keys"
         return True, "ready"
+
+
+def _refuse_empty(path: str | None) -> None:
+    """At reload an empty file is far more likely a write in progress than a wish for the
+    built-in defaults (which would silently replace the relay networks and key sources)."""
+    from .config import ConfigError
+
+    if path is None:
+        return
+    try:
+        with open(path, "rb") as f:
+            empty = not f.read(65536).strip()
+    except OSError:
+        return  # load_config reports it
+    if empty:
+        raise ConfigError([f"{path}: the file is empty (a write in progress?); not reloaded"])
 
 
 def _keep_restart_settings(old: cfg.Config, new: cfg.Config) -> cfg.Config:
