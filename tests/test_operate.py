@@ -188,3 +188,15 @@ def test_reload_under_traffic_never_errors(tmp_path: Path, pem: bytes) -> None:
     assert errors == []
     assert s.metric("dkim_sidecar_messages_total", outcome="error", reason="error") == 0
     assert s.stop() == 0
+
+
+def test_reload_of_an_empty_file_keeps_the_running_config(tmp_path: Path, pem: bytes) -> None:
+    s = make(tmp_path, pem).start()
+    try:
+        s.config_path.write_text("")  # as seen mid-write by a non-atomic editor
+        s.reload()
+        assert "the file is empty" in s.log()
+        assert s.metric("dkim_sidecar_config_reloads_total", result="failed") == 1
+        assert len(s.send(MESSAGE, RELAY).signatures) == 1
+    finally:
+        assert s.stop() == 0
