@@ -169,14 +169,6 @@ def test_from_domain_bad_from(value: bytes) -> None:
     assert _from(value) == FromResult(None, "bad_from")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG (doubtful): an address literal is taken as the author domain: From: a@[192.0.2.1] "
-        "gives domain '192.0.2.1' (address_domain strips the brackets and check_dns_name accepts "
-        "all-digit labels); expected bad_from, a d= must be a domain name (RFC 6376 §3.5)"
-    ),
-)
 def test_from_domain_address_literal_is_not_a_domain() -> None:
     assert _from(b" a@[192.0.2.1]") == FromResult(None, "bad_from")
 

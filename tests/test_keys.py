@@ -274,15 +274,6 @@ def test_encrypted_pkcs8_names_the_passphrase(rsa1024: rsa.RSAPrivateKey) -> Non
         parse_private_key(data)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: a legacy encrypted PKCS#1 PEM (`-----BEGIN RSA PRIVATE KEY-----` then "
-        "`Proc-Type: 4,ENCRYPTED`, what `openssl genrsa -aes256` writes) is reported as 'not a "
-        "readable PEM private key (PKCS#8 or PKCS#1 expected)': the ENCRYPTED check looks at the "
-        "first line only, so the operator is not told the key needs its passphrase removed"
-    ),
-)
 def test_encrypted_pkcs1_names_the_passphrase(rsa1024: rsa.RSAPrivateKey) -> None:
     data = pem(rsa1024, ser.PrivateFormat.TraditionalOpenSSL, ser.BestAvailableEncryption(b"pw"))
     assert b"Proc-Type: 4,ENCRYPTED" in data

@@ -386,16 +386,6 @@ def test_unbreakable_items_may_exceed_78_and_still_verify() -> None:
     assert verify(field + message, records_for(key)) == "pass"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: b= can start a line past column 78: fold_b64 puts at least 8 base64 characters "
-        "after 'b=' even when 'b=' already ends at column 78, e.g. Ed25519 key example.com/sel, "
-        "now=1700000000, sign_headers (from, subject, x-aaaaaaaaaaaaaaa, x-bbbbbbbbbbbbbb) gives "
-        "the line '\\t:x-bbbbbbbbbbbbbb; bh=RHI9...; b=iVeyyOiU' of 79 characters; fold_tags "
-        "should move 'b=' to a new line when fewer than 8 columns are left"
-    ),
-)
 def test_no_foldable_line_over_78_for_any_header_list() -> None:
     key = SigningKey.load("example.com", "sel", (VECTORS / "rfc8463_a1_ed25519.seed").read_bytes())
     bad = []

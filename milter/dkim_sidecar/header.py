@@ -117,10 +117,11 @@ def from_domain(fields: Sequence[HeaderField]) -> FromResult:
 def address_domain(address: str) -> str | None:
     """The checked, lowercase A-label domain of an address, or None."""
     local, at, domain = address.strip().strip("<>").rpartition("@")
-    if not at or not local or not domain:
-        return None
+    domain = domain.strip()
+    if not at or not local or not domain or domain.startswith("["):
+        return None  # an address literal has no domain to sign for
     try:
-        return check_dns_name(domain.strip().strip("[]"))
+        return check_dns_name(domain)
     except (KeyLoadError, UnicodeError):
         return None
 

@@ -56,6 +56,8 @@ def check_dns_name(name: str, what: str = "domain") -> str:
     labels = text.split(".")
     if not text or len(text) > 253 or not all(_LABEL.match(label) for label in labels):
         raise KeyLoadError(f"{name!r} is not a valid {what} name")
+    if what == "domain" and labels[-1].isdigit():
+        raise KeyLoadError(f"{name!r} is an address, not a {what} name")  # no numeric TLDs
     return text
 
 
@@ -83,7 +85,8 @@ def parse_private_key(data: bytes) -> PrivateKey:
     if not text:
         raise KeyLoadError("the key is empty")
     if text.startswith(b"-----BEGIN"):
-        if b"ENCRYPTED" in text.split(b"\n", 1)[0]:
+        # PKCS#8 says so in its first line, legacy PKCS#1 in a Proc-Type line after it
+        if b"ENCRYPTED" in b"\n".join(text.split(b"\n", 3)[:3]):
             raise KeyLoadError(
                 "the key is encrypted with a passphrase; an unencrypted key is needed"
             )

@@ -18,6 +18,7 @@ from .keys import SigningKey
 FIELD_NAME = b"DKIM-Signature"
 _WIDTH = 78  # RFC 5322 §2.1.1: lines SHOULD stay under 78 characters
 _FOLD = b"\r\n\t"
+_B_MIN = 8  # base64 characters of b= kept on the line of the tag
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,8 @@ class SigningPolicy:
 
 def fold_tags(tags: Sequence[tuple[str, str]], first_line: int) -> bytes:
     """Lay `tag=value;` items out in lines under _WIDTH, folding only between items and, inside
-    h=, after a colon (RFC 6376 §3.5 allows FWS there). `first_line` is what precedes on line 1."""
+    h=, before a colon (RFC 6376 §3.5 allows FWS around it). `first_line` is what precedes on
+    line 1."""
     out: list[str] = []
     col = first_line
     for i, (tag, value) in enumerate(tags):
@@ -48,7 +50,9 @@ def fold_tags(tags: Sequence[tuple[str, str]], first_line: int) -> bytes:
             if j == len(item) - 1 and not last:
                 text += ";"
             sep = "" if not out else (" " if j == 0 else "")
-            if out and col + len(sep) + len(text) > _WIDTH:
+            # b= is followed by its value on the same line: leave room for some of it
+            room = _B_MIN if tag == "b" else 0
+            if out and col + len(sep) + len(text) + room > _WIDTH:
                 out.append("\r\n\t")
                 col = 8  # a tab counts as up to 8 columns
                 sep = ""
@@ -59,7 +63,7 @@ def fold_tags(tags: Sequence[tuple[str, str]], first_line: int) -> bytes:
 
 def fold_b64(value: bytes, col: int) -> bytes:
     """Fold a base64 b= value (FWS may go anywhere in it, RFC 6376 §3.5)."""
-    first = max(_WIDTH - col, 8)
+    first = max(_WIDTH - col, _B_MIN)
     parts = [value[:first]]
     rest = value[first:]
     step = _WIDTH - 8
