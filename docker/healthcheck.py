@@ -1,0 +1,125 @@
+"""Container health check for dkim-sidecar: exit 0 when the running sidecar answers, 1 if not.
+
+Runs inside the container (Dockerfile HEALTHCHECK, compose `healthcheck:`) with the image's
+venv Python, so it needs no curl. It finds the address to check the way the sidecar does:
+
+1. the config file: `--config PATH` from PID 1's command line, else $DKIM_SIDECAR_CONFIG, else
+   /etc/dkim-sidecar/config.yml;
+2. `metrics.listen` from that file, overridden by DKIM_SIDECAR_METRICS_LISTEN like the sidecar
+   does; then GET /healthz there (a wildcard address is checked on loopback) and expect 200;
+3. if the metrics endpoint is turned off, connect to the milter socket (`listen`, or
+   DKIM_SIDECAR_LISTEN) instead.
+
+DKIM_SIDECAR_HEALTHCHECK_URL, when set, is fetched as is and nothing else is looked at.
+Standard library plus PyYAML (a dependency of the sidecar) only.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import urllib.request
+from pathlib import Path
+
+DEFAULT_CONFIG = "/etc/dkim-sidecar/config.yml"
+DEFAULT_METRICS = "inet:127.0.0.1:9901"
+DEFAULT_LISTEN = "inet:127.0.0.1:8891"
+TIMEOUT = 4.0
+
+
+def config_path() -> str:
+    """The --config argument of the process the container runs, else what the sidecar would
+    fall back to: $DKIM_SIDECAR_CONFIG, then the image's default path."""
+    try:
+        argv = Path("/proc/1/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        argv = []
+    args = [a.decode("utf-8", "replace") for a in argv]
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args) and args[i + 1]:
+            return args[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return os.environ.get("DKIM_SIDECAR_CONFIG", "").strip() or DEFAULT_CONFIG
+
+
+def load_settings(path: str) -> dict[str, object]:
+    """The YAML config as a dict; {} when it cannot be read (the sidecar reports that itself)."""
+    try:
+        import yaml  # only the image's venv Python has it
+    except ImportError:
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def split_address(spec: str) -> tuple[int, str, int] | tuple[int, str]:
+    """inet:HOST:PORT, inet6:[ADDR]:PORT or unix:/path → a connectable (family, host, port)."""
+    kind, _, rest = spec.strip().partition(":")
+    if kind == "unix":
+        return (socket.AF_UNIX, rest)
+    host, _, port = rest.rpartition(":")
+    host = host.strip("[]")
+    if kind == "inet6":
+        return (socket.AF_INET6, "::1" if host in ("", "::") else host, int(port))
+    if kind == "inet":
+        return (socket.AF_INET, "127.0.0.1" if host in ("", "0.0.0.0", "*") else host, int(port))
+    raise ValueError(f"unsupported address {spec!r}")
+
+
+def check_http(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=TIMEOUT) as resp:  # noqa: S310 - local URL
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def check_socket(address: tuple[int, str, int] | tuple[int, str]) -> bool:
+    family = address[0]
+    target = address[1] if family == socket.AF_UNIX else (address[1], address[2])
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.settimeout(TIMEOUT)
+            sock.connect(target)
+    except OSError:
+        return False
+    return True
+
+
+def main() -> int:
+    url = os.environ.get("DKIM_SIDECAR_HEALTHCHECK_URL", "").strip()
+    if url:
+        return 0 if check_http(url) else 1
+
+    settings = load_settings(config_path())
+    metrics = settings.get("metrics")
+    metrics_listen: object = DEFAULT_METRICS
+    if isinstance(metrics, dict) and "listen" in metrics:
+        metrics_listen = metrics["listen"]
+    env_metrics = os.environ.get("DKIM_SIDECAR_METRICS_LISTEN")
+    if env_metrics is not None:
+        metrics_listen = None if env_metrics.strip() in ("", "off") else env_metrics
+
+    try:
+        if isinstance(metrics_listen, str) and metrics_listen:
+            family, host, port = split_address(metrics_listen)  # type: ignore[misc]
+            if family == socket.AF_INET6:
+                host = f"[{host}]"
+            return 0 if check_http(f"http://{host}:{port}/healthz") else 1
+        listen = os.environ.get("DKIM_SIDECAR_LISTEN", "").strip() or settings.get("listen")
+        if not isinstance(listen, str):
+            listen = DEFAULT_LISTEN
+        return 0 if check_socket(split_address(listen)) else 1
+    except ValueError as exc:
+        print(f"healthcheck: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
