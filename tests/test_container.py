@@ -112,20 +112,6 @@ MESSAGE = (
 )
 
 
-def _app_has_run_command() -> bool:
-    cli = REPO / "milter" / "dkim_sidecar" / "cli.py"
-    return cli.is_file() and '"run"' in cli.read_text(encoding="utf-8")
-
-
-# TODO(app): drop this marker once `dkim-sidecar run` is in main (it turns itself off as soon
-# as milter/dkim_sidecar/cli.py has the `run` command, so real failures then count).
-needs_app = pytest.mark.xfail(
-    condition=not _app_has_run_command(),
-    reason="TODO(app): `dkim-sidecar run` is not written yet (milter/dkim_sidecar/cli.py)",
-    strict=False,
-)
-
-
 # --- small helpers ----------------------------------------------------------------------------
 
 
@@ -1052,7 +1038,6 @@ def _health(engine: Engine, container: str) -> str:
     return str(state.get("Health", {}).get("Status", "no health check"))
 
 
-@needs_app
 def test_container_becomes_healthy(engine: Engine, sidecar_container: RunningSidecar) -> None:
     started = time.monotonic()
     with contextlib.suppress(TimeoutError):
@@ -1077,7 +1062,6 @@ def test_container_becomes_healthy(engine: Engine, sidecar_container: RunningSid
     assert write.returncode != 0
 
 
-@needs_app
 def test_container_signs_for_relay_clients_only(
     engine: Engine, sidecar_container: RunningSidecar, test_key: DkimKey
 ) -> None:
@@ -1097,7 +1081,6 @@ def test_container_signs_for_relay_clients_only(
     assert outside.signatures() == [], outside
 
 
-@needs_app
 def test_container_reloads_on_hup_and_stops_on_term(
     engine: Engine, sidecar_container: RunningSidecar, test_key: DkimKey
 ) -> None:
@@ -1279,7 +1262,6 @@ def _container_of(stack: Stack, service: str) -> str:
     return stack.compose("ps", "-q", service).stdout.strip()
 
 
-@needs_app
 def test_mailcow_stack_signs_with_the_key_from_redis(
     engine: Engine, mailcow_stack: Stack, test_key: DkimKey
 ) -> None:
