@@ -467,7 +467,11 @@ class RedisSource:
                 secret = f.read()
             return secret.removesuffix("\n").removesuffix("\r")
         if self.password_env is not None:
-            return env.get(self.password_env) or None
+            value = env.get(self.password_env)
+            if not value and self.password_env == "REDISPASS":
+                # Mailcow since its move from Redis to Valkey names the password VALKEYPASS
+                value = env.get("VALKEYPASS")
+            return value or None
         return None
 
 
