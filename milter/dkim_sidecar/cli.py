@@ -180,6 +180,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from .mtaclient import MilterClient
 
     message = to_crlf(_read(args.message)) if args.message else SAMPLE
+    if args.sample_from and not args.message:
+        message = message.replace(b"sender@example.com", args.sample_from.encode())
     try:
         with MilterClient(args.milter, timeout=30) as client:
             client.negotiate()
@@ -321,6 +323,12 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--sender", default="sender@example.com", help="envelope sender")
     sp.add_argument("--auth", help="present an authenticated login ({auth_authen})")
     sp.add_argument("--show", action="store_true", help="print the signed message")
+    sp.add_argument(
+        "--from",
+        dest="sample_from",
+        metavar="ADDRESS",
+        help="From address of the built-in sample (e.g. one of your domains)",
+    )
     sp.add_argument("message", nargs="?", help="message file (default: a built-in sample)")
     with_records(sp)
     sp.set_defaults(func=cmd_probe)
