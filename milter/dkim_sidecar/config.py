@@ -468,7 +468,7 @@ class RedisSource:
             return secret.removesuffix("\n").removesuffix("\r")
         if self.password_env is not None:
             value = env.get(self.password_env)
-            if not value and self.password_env == "REDISPASS":
+            if not value and self.password_env == "REDISPASS":  # noqa: S105 - a variable name
                 # Mailcow since its move from Redis to Valkey names the password VALKEYPASS
                 value = env.get("VALKEYPASS")
             return value or None
