@@ -6,10 +6,10 @@ from __future__ import annotations
 import socket
 import struct
 
-import dkim
 import pytest
 
 from dkim_sidecar.keys import Algorithm, SigningKey, generate_key
+from harness.dkimcheck import verify_all as verify
 from harness.sidecar import Sidecar, write_keys
 
 RELAY_V4 = "192.0.2.10"
@@ -56,21 +56,6 @@ def sidecar(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, SigningKey
     yield s
     assert s.stop() == 0
     assert "Traceback" not in s.log()
-
-
-def verify(message: bytes, dns: dict[bytes, bytes]) -> list[bool]:
-    """dkimpy's verdict on every DKIM-Signature, topmost first."""
-    d = dkim.DKIM(message)
-    n = message.split(b"\r\n\r\n", 1)[0].lower().count(b"\ndkim-signature:") + (
-        1 if message.lower().startswith(b"dkim-signature:") else 0
-    )
-    out = []
-    for i in range(n):
-        try:
-            out.append(bool(d.verify(idx=i, dnsfunc=lambda name, timeout=5: dns.get(name))))
-        except dkim.DKIMException:
-            out.append(False)
-    return out
 
 
 def msg(

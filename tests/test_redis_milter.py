@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import dkim
 import pytest
 import redis
 from cryptography.hazmat.primitives import serialization
@@ -29,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from dkim_sidecar.header import split_message
 from dkim_sidecar.mtaclient import Result
+from harness.dkimcheck import verify_all as verify
 from harness.redis import (
     RedisServer,
     free_port,
@@ -180,20 +180,6 @@ def sigs(r: Result) -> list[dict[str, str]]:
             text = re.sub(r"\s+", "", f.raw.decode().partition(":")[2])
             out.append(dict(t.split("=", 1) for t in text.split(";") if "=" in t))
     assert len(out) == len(r.signatures)
-    return out
-
-
-def verify(message: bytes, dns: dict[bytes, bytes]) -> list[bool]:
-    """dkimpy's verdict on every DKIM-Signature, topmost first."""
-    d = dkim.DKIM(message)
-    head = message.split(b"\r\n\r\n", 1)[0].lower()
-    n = head.count(b"\r\ndkim-signature:") + head.startswith(b"dkim-signature:")
-    out = []
-    for i in range(n):
-        try:
-            out.append(bool(d.verify(idx=i, dnsfunc=lambda name, timeout=5: dns.get(name))))
-        except dkim.DKIMException:
-            out.append(False)
     return out
 
 

@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
 from hypothesis import HealthCheck, given, settings
@@ -25,6 +24,7 @@ from hypothesis import strategies as st
 
 from dkim_sidecar.keys import Algorithm, SigningKey, generate_key
 from dkim_sidecar.mtaclient import MilterClient, ProtocolError, Result
+from harness.dkimcheck import verify_all as verify
 from harness.sidecar import Sidecar, wait_for, write_keys
 
 RELAY = "192.0.2.10"
@@ -65,19 +65,6 @@ def start_sidecar(work: Path, keys: list[SigningKey], **config: object) -> Sidec
 
 def dns_of(keys: list[SigningKey]) -> dict[bytes, bytes]:
     return {(k.dns_name + ".").encode(): k.dns_record().encode() for k in keys}
-
-
-def verify(message: bytes, dns: dict[bytes, bytes]) -> list[bool]:
-    """dkimpy's verdict on every DKIM-Signature, topmost first."""
-    d = dkim.DKIM(message)
-    head = b"\r\n" + message.split(b"\r\n\r\n", 1)[0].lower()
-    out = []
-    for i in range(head.count(b"\r\ndkim-signature:")):
-        try:
-            out.append(bool(d.verify(idx=i, dnsfunc=lambda name, timeout=5: dns.get(name))))
-        except dkim.DKIMException:
-            out.append(False)
-    return out
 
 
 def msg(

@@ -286,7 +286,6 @@ class Service:
         self._stop = False
         self._reloads_asked = 0
         self._milter_done = threading.Event()
-        self._failed = False
 
     def run(self) -> int:
         config = self.config
@@ -297,6 +296,18 @@ class Service:
             listen=str(config.listen),
             config=self.controller.config_path or "<built-in defaults>",
         )
+        if config.metrics.listen is not None:
+            ml = config.metrics.listen
+            family = socket.AF_INET6 if ml.kind is ListenKind.INET6 else socket.AF_INET
+            assert ml.host is not None and ml.port is not None
+            try:
+                serve_http(ml.host, ml.port, family, self.metrics, self.controller.readiness)
+            except OSError as exc:
+                # the health checks would fail anyway: say why and stop before taking mail
+                event(
+                    logging.ERROR, "cannot listen for metrics", listen=str(ml), error=exc.strerror
+                )
+                return 1
         signal.signal(signal.SIGHUP, self._on_hup)
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
@@ -335,21 +346,8 @@ class Service:
         thread.start()
         self.controller.listening = True
         event(logging.INFO, "listening", listen=str(listen))
-        # after the milter socket: mail is answered first, keys and metrics follow at once
+        # after the milter socket: mail is answered first, keys follow at once
         self.controller.start_refresher()
-        if config.metrics.listen is not None:
-            ml = config.metrics.listen
-            family = socket.AF_INET6 if ml.kind is ListenKind.INET6 else socket.AF_INET
-            assert ml.host is not None and ml.port is not None
-            try:
-                serve_http(ml.host, ml.port, family, self.metrics, self.controller.readiness)
-            except OSError as exc:
-                # the health checks would fail anyway: say why and stop rather than run blind
-                event(
-                    logging.ERROR, "cannot listen for metrics", listen=str(ml), error=exc.strerror
-                )
-                self._stop = True
-                self._failed = True
         # computed at each scrape, so it always agrees with /readyz
         self.metrics.ready.set_function(lambda: 1.0 if self.controller.readiness()[0] else 0.0)
 
@@ -375,7 +373,7 @@ class Service:
         _stop_libmilter(listen_fds)
         thread.join(timeout=5)
         event(logging.INFO, "stopped", unfinished_messages=busy)
-        return 1 if self._failed or not self._stop else 0
+        return 0 if self._stop else 1
 
     def _on_hup(self, signum: int, frame: object) -> None:
         self._reloads_asked += 1
