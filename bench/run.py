@@ -21,6 +21,7 @@ import contextlib
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -500,54 +501,62 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="dkim-bench-"))
     os.chmod(work, 0o755)  # Postfix's daemons must be able to search it (harness trap 1)
-    keyfile, pem = make_key(work)
-    record = dns_record(pem)
-    if args.profile:
-        run_profile(work, keyfile)
-        return 0
+    try:
+        keyfile, pem = make_key(work)
+        record = dns_record(pem)
+        if args.profile:
+            run_profile(work, keyfile)
+            shutil.rmtree(work, ignore_errors=True)
+            return 0
 
-    rss: dict[str, Any] = {"samples_mb": [], "messages": 0}
-    foreign: list[tuple[float, float]] = []
-    if "offline" in sections:
-        results["offline"] = run_offline(cfg, pem)
-    if "startup" in sections:
-        results["startup"] = run_startup(cfg, work, keyfile, have_opendkim)
-    if sections & {"milter", "e2e"}:
-        with contextlib.ExitStack() as stack:
-            relay = ["127.0.0.0/8", RELAY_NET]
-            main_sc = stack.enter_context(sidecar(work, keyfile.parent, relay))
-            milters = [main_sc]
-            od = None
-            if have_opendkim:
-                od = stack.enter_context(opendkim(work, keyfile, ["127.0.0.1", RELAY_NET]))
-                milters.append(od)
-            if "milter" in sections:
-                results["milter"] = run_milter(cfg, milters, rss, record)
-                foreign += [(r["foreign_cores"], r["elapsed"]) for r in results["milter"]["runs"]]
-            if "e2e" in sections:
-                modes: dict[str, Any] = {"none": None, "sidecar": main_sc}
-                if od is not None:
-                    modes["opendkim"] = od
-                modes["sidecar-outside"] = stack.enter_context(
-                    sidecar(work, keyfile.parent, [RELAY_NET], name="sidecar-outside")
-                )
+        rss: dict[str, Any] = {"samples_mb": [], "messages": 0}
+        foreign: list[tuple[float, float]] = []
+        if "offline" in sections:
+            results["offline"] = run_offline(cfg, pem)
+        if "startup" in sections:
+            results["startup"] = run_startup(cfg, work, keyfile, have_opendkim)
+        if sections & {"milter", "e2e"}:
+            with contextlib.ExitStack() as stack:
+                relay = ["127.0.0.0/8", RELAY_NET]
+                main_sc = stack.enter_context(sidecar(work, keyfile.parent, relay))
+                milters = [main_sc]
+                od = None
                 if have_opendkim:
-                    modes["opendkim-outside"] = stack.enter_context(
-                        opendkim(work, keyfile, [RELAY_NET], name="opendkim-outside")
+                    od = stack.enter_context(opendkim(work, keyfile, ["127.0.0.1", RELAY_NET]))
+                    milters.append(od)
+                if "milter" in sections:
+                    results["milter"] = run_milter(cfg, milters, rss, record)
+                    foreign += [
+                        (r["foreign_cores"], r["elapsed"]) for r in results["milter"]["runs"]
+                    ]
+                if "e2e" in sections:
+                    modes: dict[str, Any] = {"none": None, "sidecar": main_sc}
+                    if od is not None:
+                        modes["opendkim"] = od
+                    modes["sidecar-outside"] = stack.enter_context(
+                        sidecar(work, keyfile.parent, [RELAY_NET], name="sidecar-outside")
                     )
-                results["e2e"] = run_e2e(cfg, work, modes, rss, record)
-                foreign += [(r["foreign_cores"], r["drained"]) for r in results["e2e"]["runs"]]
-    if rss["samples_mb"]:
-        s = rss["samples_mb"]
-        rss["growth_mb"] = s[-1] - s[rss.get("baseline", 0)]
-        results["rss"] = rss
-    if "memory" in sections:
-        results["memory"] = run_memory(cfg, work, keyfile, have_opendkim)
-    if foreign:
-        total = sum(t for _, t in foreign)
-        results["foreign_cores"] = sum(c * t for c, t in foreign) / total if total else None
-    results["load_after"] = loadavg()
-    results["duration_s"] = time.monotonic() - started
+                    if have_opendkim:
+                        modes["opendkim-outside"] = stack.enter_context(
+                            opendkim(work, keyfile, [RELAY_NET], name="opendkim-outside")
+                        )
+                    results["e2e"] = run_e2e(cfg, work, modes, rss, record)
+                    foreign += [(r["foreign_cores"], r["drained"]) for r in results["e2e"]["runs"]]
+        if rss["samples_mb"]:
+            s = rss["samples_mb"]
+            rss["growth_mb"] = s[-1] - s[rss.get("baseline", 0)]
+            results["rss"] = rss
+        if "memory" in sections:
+            results["memory"] = run_memory(cfg, work, keyfile, have_opendkim)
+        if foreign:
+            total = sum(t for _, t in foreign)
+            results["foreign_cores"] = sum(c * t for c, t in foreign) / total if total else None
+        results["load_after"] = loadavg()
+        results["duration_s"] = time.monotonic() - started
+    except BaseException:
+        print(f"bench: stopped; logs and configs kept in {work}", file=sys.stderr)
+        raise
+    shutil.rmtree(work, ignore_errors=True)  # the key, spools and logs of this run
     return finish(results, args)
 
 
