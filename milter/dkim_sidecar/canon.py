@@ -12,8 +12,16 @@ import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
+
+scan_helper: ModuleType | None
+try:  # the optional C helper (pyproject: ext-modules); the same answers without it, slower
+    from . import _scan as scan_helper
+except ImportError:  # pragma: no cover - the tests run the Python path explicitly too
+    scan_helper = None
 
 CRLF = b"\r\n"
+_NO_LIMIT = 1 << 62  # no line-length question asked
 _WSP_RUN = re.compile(rb"[ \t]+")
 _WSP = b" \t"
 
@@ -90,6 +98,27 @@ def canon_header(canon: Canon, field: bytes) -> bytes:
 # --- body --------------------------------------------------------------------------------------
 
 
+def _relax_wsp_python(block: bytes) -> bytes:
+    if b"\t" in block or b"  " in block:
+        block = _WSP_RUN.sub(b" ", block)
+    if b" \r\n" in block:
+        block = block.replace(b" \r\n", CRLF)
+    return block
+
+
+def _relax_wsp_c(block: bytes) -> bytes:
+    assert scan_helper is not None
+    flags = scan_helper.scan(block, 0, 0, _NO_LIMIT)[0]
+    if flags & (scan_helper.TAB | scan_helper.SPACE_RUN):
+        return _WSP_RUN.sub(b" ", block).replace(b" \r\n", CRLF)
+    if flags & scan_helper.SPACE_CRLF:
+        return block.replace(b" \r\n", CRLF)
+    return block
+
+
+_relax_wsp = _relax_wsp_python if scan_helper is None else _relax_wsp_c
+
+
 def _count_trailing_crlf(data: bytes) -> int:
     """How many whole CRLF pairs end `data` (`\\n\\r\\n` ends with one, not two)."""
     end = len(data)
@@ -146,11 +175,9 @@ class BodyCanonicalizer:
         """Canonicalize whole lines: `block` ends with CRLF."""
         if self._relaxed and (b" " in block or b"\t" in block):
             # §3.4.4 a, b: a WSP run becomes one SP; WSP at a line end goes. The one-octet
-            # scans (memchr) let base64 bodies skip all of it; prose mostly skips the regex.
-            if b"\t" in block or b"  " in block:
-                block = _WSP_RUN.sub(b" ", block)
-            if b" \r\n" in block:
-                block = block.replace(b" \r\n", CRLF)
+            # scans (memchr) let base64 bodies skip all of it; for prose, one pass of the C
+            # helper (or a few in Python) tells whether anything is to change at all.
+            block = _relax_wsp(block)
         trailing = _count_trailing_crlf(block)
         content_end = len(block) - 2 * trailing
         if content_end == 0 and not self._line_open:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from . import canon
 from .config import DomainFrom, LongLines, OnError
 from .header import HeaderField, address_domain, from_domain, make_field, signed_domains
 from .keys import SigningKey
@@ -80,7 +81,7 @@ _LONG_LINE = 998  # RFC 5322 §2.1.1: at most 998 octets per line, CRLF excluded
 
 
 class LongLineScanner:
-    """Tells whether a CRLF body has a line over 998 octets, chunk by chunk.
+    """Tells whether a CRLF body has a line over 998 octets, chunk by chunk (pure Python).
 
     Postfix's SMTP client folds such lines after every milter ran (smtp_line_length_limit),
     which breaks every signature over them. rfind() from the window's end jumps about a whole
@@ -119,11 +120,8 @@ _BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
 class CrlfFixer:
-    """The MTA's line ends turned into CRLF at the edge (STYLE 3): bare LF → CRLF.
-
-    Postfix sends body lines with CRLF; this keeps us exact if an MTA does not. A CR ending
-    one chunk and the LF starting the next are one line end.
-    """
+    """The MTA's line ends turned into CRLF at the edge (STYLE 3): bare LF → CRLF (pure
+    Python). A CR ending one chunk and the LF starting the next are one line end."""
 
     __slots__ = ("_prev_cr",)
 
@@ -140,9 +138,50 @@ class CrlfFixer:
         crlf = chunk.count(b"\r\n") + (1 if prev_cr and chunk[:1] == b"\n" else 0)
         if lf == crlf:  # the common case: nothing to change, no copy
             return chunk
-        if prev_cr and chunk[:1] == b"\n":
-            return b"\n" + _BARE_LF.sub(b"\r\n", chunk[1:])
-        return _BARE_LF.sub(b"\r\n", chunk)
+        return _fix_bare_lf(chunk, prev_cr)
+
+
+def _fix_bare_lf(chunk: bytes, prev_cr: bool) -> bytes:
+    if prev_cr and chunk[:1] == b"\n":
+        return b"\n" + _BARE_LF.sub(b"\r\n", chunk[1:])
+    return _BARE_LF.sub(b"\r\n", chunk)
+
+
+class BodyEdge:
+    """The body as the MTA sends it, made ready for the core: bare LF → CRLF, and lines over
+    998 octets noted (`long_line`). Postfix sends CRLF, so the fix is almost never needed, but
+    finding that out must be cheap: with the C helper it is one pass over each chunk, where
+    the pure-Python fallback (CrlfFixer and LongLineScanner) takes several."""
+
+    __slots__ = ("_fallback", "_line", "_prev", "long_line")
+
+    def __init__(self) -> None:
+        self._prev = 0  # the last octet of the previous chunk
+        self._line = 0  # octets of the line still open
+        self.long_line = False
+        helper = canon.scan_helper
+        self._fallback = None if helper is not None else (CrlfFixer(), LongLineScanner())
+
+    def __call__(self, chunk: bytes) -> bytes:
+        if not chunk:
+            return chunk
+        if self._fallback is not None:
+            fixer, scanner = self._fallback
+            chunk = fixer(chunk)
+            scanner.update(chunk)
+            self.long_line = scanner.found
+            return chunk
+        helper = canon.scan_helper
+        assert helper is not None
+        prev, line = self._prev, self._line
+        flags, self._line = helper.scan(chunk, prev, line, _LONG_LINE)
+        if flags & helper.BARE_LF:
+            chunk = _fix_bare_lf(chunk, prev == 13)
+            flags, self._line = helper.scan(chunk, prev, line, _LONG_LINE)
+        self._prev = chunk[-1]
+        if flags & helper.LONG_LINE:
+            self.long_line = True
+        return chunk
 
 
 def header_value_to_crlf(value: bytes) -> bytes:
@@ -164,8 +203,8 @@ class _Message:
     signer: MessageSigner | None = None
     domain: str | None = None
     keys: tuple[SigningKey, ...] = ()
-    fix_crlf: CrlfFixer = field(default_factory=CrlfFixer)
-    long_lines: LongLineScanner | None = None
+    edge: BodyEdge = field(default_factory=BodyEdge)
+    skip_long_lines: bool = False
 
 
 class Session:
@@ -249,11 +288,9 @@ class Session:
             return Action.ACCEPT
         try:
             msg.size += len(chunk)
-            chunk = msg.fix_crlf(chunk)
-            if msg.long_lines is not None:
-                msg.long_lines.update(chunk)
-                if msg.long_lines.found:
-                    return self._skip(Reason.LONG_LINES)
+            chunk = msg.edge(chunk)
+            if msg.skip_long_lines and msg.edge.long_line:
+                return self._skip(Reason.LONG_LINES)
             msg.signer.update(chunk)
         except Exception as exc:  # noqa: BLE001
             return self._fail(exc)
@@ -309,8 +346,7 @@ class Session:
             return self._skip(Reason.ALREADY_SIGNED)  # e.g. rspamd signed it already
         msg.keys = keys
         msg.signer = MessageSigner(keys, msg.runtime.policy, int(self._clock()))
-        if config.long_lines is LongLines.SKIP:
-            msg.long_lines = LongLineScanner()
+        msg.skip_long_lines = config.long_lines is LongLines.SKIP
         return Action.CONTINUE
 
     def _skip(self, reason: Reason) -> Action:
