@@ -7,6 +7,7 @@ No I/O: the caller streams the body in with `update()` and hands over the header
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,26 +40,39 @@ def fold_tags(tags: Sequence[tuple[str, str]], first_line: int) -> bytes:
     """Lay `tag=value;` items out in lines under _WIDTH, folding only between items and, inside
     h=, before a colon (RFC 6376 §3.5 allows FWS around it). `first_line` is what precedes on
     line 1."""
+    text, _ = _fold_items(tuple(tags), first_line, False, True)
+    return text.encode("ascii")
+
+
+def _fold_items(
+    tags: tuple[tuple[str, str], ...], col: int, after_items: bool, last_ends: bool
+) -> tuple[str, int]:
+    """fold_tags' work, from column `col`; `after_items`: items precede on this line;
+    `last_ends`: the last tag is the end of the list (no `;` after it). Cached: the tags up
+    to h= repeat from message to message (within a second, and for the same header set)."""
     out: list[str] = []
-    col = first_line
     for i, (tag, value) in enumerate(tags):
-        last = i == len(tags) - 1
+        last = last_ends and i == len(tags) - 1
         pieces = value.split(":") if tag == "h" else [value]
         item = [f"{tag}={pieces[0]}", *pieces[1:]]
         for j, piece in enumerate(item):
             text = piece if j == 0 else ":" + piece
             if j == len(item) - 1 and not last:
                 text += ";"
-            sep = "" if not out else (" " if j == 0 else "")
+            started = bool(out) or after_items
+            sep = "" if not started else (" " if j == 0 else "")
             # b= is followed by its value on the same line: leave room for some of it
             room = _B_MIN if tag == "b" else 0
-            if out and col + len(sep) + len(text) + room > _WIDTH:
+            if started and col + len(sep) + len(text) + room > _WIDTH:
                 out.append("\r\n\t")
                 col = 8  # a tab counts as up to 8 columns
                 sep = ""
             out.append(sep + text)
             col += len(sep) + len(text)
-    return "".join(out).encode("ascii")
+    return "".join(out), col
+
+
+_fold = functools.lru_cache(maxsize=256)(_fold_items)
 
 
 def fold_b64(value: bytes, col: int) -> bytes:
@@ -113,7 +127,10 @@ class MessageSigner:
             if policy.expire_after is not None:
                 tags.append(("x", str(self._now + policy.expire_after)))
             tags += [("h", ":".join(names)), ("bh", bh), ("b", "")]
-            head = FIELD_NAME + b": " + fold_tags(tags, len(FIELD_NAME) + 2)
+            # the tags up to h= repeat (cached); bh= and b= are new for every message
+            fixed, col = _fold(tuple(tags[:-2]), len(FIELD_NAME) + 2, False, False)
+            rest, _ = _fold_items(tuple(tags[-2:]), col, True, True)
+            head = FIELD_NAME + b": " + (fixed + rest).encode("ascii")
             # §3.7: the field as it will stand with b= empty, canonicalized, no final CRLF
             digest = hashlib.sha256(signed + _canon_without_crlf(hcanon, head)).digest()
             b = base64.b64encode(key.sign_digest(digest))
