@@ -177,3 +177,25 @@ def test_sidecar_down_with_default_action_accept_still_delivers(
     s.kill()
     got = deliver(pf, message(body=b"while it is down\r\n"), RELAY)
     assert signature_domains(got) == []  # delivered, unsigned
+
+
+def test_smtpd_milter_maps_keeps_outside_clients_away_from_the_sidecar(
+    postfix_factory, sidecar, keyfiles
+) -> None:
+    """The optional setup of config/postfix-extra.cf: only the relay networks reach the
+    sidecar at all (Postfix picks the milter list by client address)."""
+    pf = postfix_factory("", extra_mynetworks=NETS)
+    table = pf.config_dir / "dkim_sidecar_milters.cidr"
+    table.write_text(
+        f"192.0.2.0/24 {{ {sidecar.postfix_milter}, default_action=accept, connect_timeout=10s }}\n"
+    )
+    table.chmod(0o644)
+    pf.set_main_cf({"smtpd_milter_maps": f"cidr:{table}"})
+    before = sidecar.metric("dkim_sidecar_messages_total", outcome="skipped", reason="not_relay")
+    signed = deliver(pf, message(), RELAY)
+    assert verify_all(signed, keyfiles[1]) == [True, True]
+    outside = deliver(pf, message(), OUTSIDE)
+    assert signature_domains(outside) == []
+    # the outside session never reached the sidecar: no not_relay connection was counted
+    after = sidecar.metric("dkim_sidecar_messages_total", outcome="skipped", reason="not_relay")
+    assert after == before
