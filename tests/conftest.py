@@ -7,10 +7,20 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import pytest
 
+from harness import leaks
 from harness.postfix import PostfixInstance, postfix_available
 from harness.sink import SmtpSink
 
 PostfixFactory = Callable[..., PostfixInstance]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_leaked_anywhere() -> Iterator[None]:
+    """After the whole run: no key material and no Redis password in any sidecar log,
+    exception text or HTTP answer (metrics, health) of any test (harness/leaks.py)."""
+    yield
+    found = leaks.find_leaks()
+    assert not found, "secrets leaked:\n" + "\n".join(found[:20])
 
 
 @pytest.fixture

@@ -40,6 +40,8 @@ from typing import Any
 import redis
 from cryptography.hazmat.primitives import serialization
 
+from . import leaks
+
 __all__ = [
     "RedisServer",
     "free_port",
@@ -83,6 +85,7 @@ class RedisServer:
         start_timeout: float = 10.0,
     ) -> None:
         self.password = password if password is not None else secrets.token_urlsafe(18)
+        leaks.secret(self.password)
         self.host = host
         self.executable = executable
         self.extra_config = tuple(extra_config)
@@ -274,6 +277,7 @@ def mailcow_pub_b64(pem: bytes) -> str:
 
 def seed_mailcow(client: redis.Redis, domain: str, selector: str, pem: bytes, pub_b64: str) -> None:
     """Store a DKIM key the way Mailcow's `dkim('import')` does."""
+    leaks.secret_pem(pem)
     old = client.hget("DKIM_SELECTORS", domain)
     if isinstance(old, bytes):
         # dkim('delete'): the old selector's private key goes with it
@@ -296,6 +300,7 @@ def seed_ed25519(
 ) -> None:
     """Store an Ed25519 key (PEM or base64 seed) under the sidecar's own convention, beside
     Mailcow's RSA key: `<prefix>SELECTORS[domain]`, `<prefix>PRIV_KEYS["<selector>.<domain>"]`."""
+    leaks.secret_pem(data)
     client.hset(prefix + "SELECTORS", domain, selector)
     client.hset(prefix + "PRIV_KEYS", f"{selector}.{domain}", data)
 
