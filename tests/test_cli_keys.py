@@ -367,3 +367,27 @@ def test_version() -> None:
     assert p.returncode == 0, err
     assert out.strip() == f"dkim-sidecar {__version__}"
     assert re.fullmatch(r"\d+\.\d+\.\d+\S*", __version__)
+
+
+def test_sign_with_an_unknown_canonicalization_gives_one_clear_line(tmp_path: Path) -> None:
+    key = tmp_path / "k.key"
+    key.write_bytes(pkcs8(ed25519.Ed25519PrivateKey.generate()))
+    p = run(
+        "sign",
+        "-d",
+        "example.com",
+        "-s",
+        "s1",
+        "-k",
+        str(key),
+        "--canon",
+        "loose/relaxed",
+        stdin=MESSAGE,
+    )
+    out, err = text(p)
+    assert p.returncode == 2 and out == ""
+    assert "Traceback" not in err
+    assert err.strip().splitlines() == [
+        "dkim-sidecar: error: --canon: 'loose/relaxed' is not a canonicalization "
+        "(expected simple or relaxed for header and body, e.g. relaxed/relaxed)"
+    ]
