@@ -68,7 +68,8 @@ class Metrics:
         )
         self.key_problems = Gauge(
             p + "key_problems",
-            "Keys skipped in the current snapshot (unreadable, too small...)",
+            "Key problems in the current snapshot: keys skipped (unreadable, too small...) or "
+            "not matching their published record",
             registry=r,
         )
         self.key_refreshes = Counter(

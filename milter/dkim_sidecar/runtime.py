@@ -236,7 +236,7 @@ class Controller:
         m.redis_up.set(1 if redis and all(s.up for s in redis) else 0)
         if set(keys.by_domain) != set(previous.by_domain) or keys.problems != previous.problems:
             for problem in keys.problems:
-                event(logging.WARNING, "key skipped", problem=problem)
+                event(logging.WARNING, "key problem", problem=problem)
             event(
                 logging.INFO,
                 "keys loaded",
