@@ -45,6 +45,11 @@ def _text(value: object) -> str:
 
 
 def setup_logging(fmt: str = "text", level: int = logging.INFO) -> None:
+    # Our lines never show thread or process names; without these, logging would make a
+    # threading._DummyThread for every libmilter connection thread that logs.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stdout)
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
