@@ -26,19 +26,8 @@ from harness.redis import RedisServer, mailcow_pub_b64, seed_mailcow
 CLI = Path(sys.executable).parent / "dkim-sidecar"
 PASSWORD = secrets.token_urlsafe(48)
 
-# 512 bits: too small to sign with (RFC 8301); cryptography refuses to generate one, so it was
-# made once with `openssl genrsa 512`.
-RSA_512_PEM = b"""-----BEGIN PRIVATE KEY-----
-MIIBVgIBADANBgkqhkiG9w0BAQEFAASCAUAwggE8AgEAAkEAxlJ6JNkEcsGenYv8
-2KKPcTA5EiOAVZJoEeNoVJr/dH6MvUHAEglAovJ3kr9gn2l5/q7QUbAA63Je0Rot
-apIVOwIDAQABAkEAm3Btd4/4opEK5uSfapQO5WIseQEGRwuXMd4RGa7aZcygiqkD
-3RSf+YNv0XRh47ygbmv2fTcUo5Le7ePNvce4kQIhAO0nA+NVtWpBOkW2Acs8b4IG
-6A3Ux6cuGY6HBo3ex8JVAiEA1hVxA4eGt5nPgzQ+7/t4LbfmypNoJZ2IU7q6Tf4X
-qU8CIHjL1LkpYRzcWLhFeyhwgkPzDKRu67uGSdJFiNsezRV5AiEAmZ2VFIVBA6mY
-n3rz1lvJZnTZZG7VgnhBhGMuoBw9ej0CIQC0Jiz+azMqVlv/YFBVDWPu+Hfc08uk
-3OyedbR0y5sdCg==
------END PRIVATE KEY-----
-"""
+# 512 bits: too small to sign with (RFC 8301); made once with `openssl genrsa 512`.
+RSA_512_PEM = (Path(__file__).parent / "vectors" / "rsa512_too_small.pem").read_bytes()
 
 MESSAGE = (
     b"From: Alice <alice@example.com>\n"
