@@ -61,7 +61,7 @@ async def serve_connection(reader, writer, runtime, reporter) -> None:  # type: 
                 for k, v in zip(parts[0::2], parts[1::2], strict=False):
                     macros[k.decode()] = v.decode("utf-8", "replace")
             elif cmd == b"C":
-                host, _, rest = data.partition(b"\0")
+                _host, _, rest = data.partition(b"\0")
                 addr = rest[3:].rstrip(b"\0").decode()
                 writer.write(frame(REPLY[session.connect(addr)]))
             elif cmd == b"M":
