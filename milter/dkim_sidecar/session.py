@@ -69,7 +69,7 @@ class MessageReport:
     domain: str | None = None
     keys: tuple[SigningKey, ...] = ()
     size: int = 0
-    duration: float = 0.0  # seconds spent on this message in the milter (CPU path)
+    duration: float = 0.0  # wall seconds from MAIL to the decision (includes waiting on the MTA)
     sign_seconds: float = 0.0
     action: Action = Action.ACCEPT
     detail: str | None = None  # for errors: the exception text, never key material
