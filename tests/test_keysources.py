@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from dkim_sidecar.canon import Canonicalization
+from dkim_sidecar.config import PasswordError, read_password
 from dkim_sidecar.header import split_message
 from dkim_sidecar.keys import Algorithm, SigningKey
 from dkim_sidecar.keystore import (
@@ -32,7 +33,7 @@ from dkim_sidecar.keystore import (
     SourceUnavailable,
     TableKeySource,
 )
-from dkim_sidecar.redis_source import PasswordError, RedisKeySource, read_password
+from dkim_sidecar.redis_source import RedisKeySource
 from dkim_sidecar.signer import MessageSigner, SigningPolicy
 from harness.redis import (
     RedisServer,

@@ -36,6 +36,7 @@ from ipaddress import (
     ip_address,
     ip_network,
 )
+from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
@@ -425,6 +426,68 @@ class TableSource:
     entries: tuple[TableEntry, ...] = ()
 
 
+# A password file larger than this is the wrong file, not a password.
+MAX_PASSWORD_FILE = 4096
+
+
+class PasswordError(ValueError):
+    """The Redis password cannot be read; the text names the variable or file, never the value."""
+
+
+def read_password(
+    env_name: str | None, file_path: str | None, env: Mapping[str, str]
+) -> str | None:
+    """The Redis password from a secret file or an environment variable; None when neither is
+    configured (a Redis without `requirepass`).
+
+    The file wins when both are given: a Docker secret is the safer place, and an admin who
+    mounted one means it. One trailing newline is dropped (`echo pw > file` writes one).
+    """
+    if file_path:
+        where = f"redis password file {file_path}"
+        data, failure = _read_secret_file(Path(file_path), where)
+        if failure:
+            raise PasswordError(failure)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            # raised below, outside the handler: UnicodeDecodeError carries the bytes it failed
+            # on, and a chained __context__ would carry them along
+            text = None
+        if text is None:
+            raise PasswordError(f"{where} is not UTF-8 text")
+    elif env_name:
+        where = f"environment variable {env_name}"
+        if env_name not in env:
+            raise PasswordError(f"{where} (the redis password) is not set")
+        text = env[env_name]
+    else:
+        return None
+    if text.endswith("\r\n"):
+        text = text[:-2]
+    elif text.endswith("\n"):
+        text = text[:-1]
+    if not text:
+        raise PasswordError(f"{where} is empty")
+    if any(c in text for c in "\r\n\0"):
+        raise PasswordError(f"{where} holds more than one line; the password must be one line")
+    return text
+
+
+def _read_secret_file(path: Path, where: str) -> tuple[bytes, str]:
+    try:
+        if not path.is_file() and path.exists():
+            return b"", f"{where} is not a regular file"
+        size = path.stat().st_size
+        if size > MAX_PASSWORD_FILE:
+            return b"", f"{where} is {size} bytes: too large to be a password"
+        return path.read_bytes(), ""
+    except FileNotFoundError:
+        return b"", f"{where} does not exist"
+    except OSError as exc:
+        return b"", f"{where}: cannot read: {exc.strerror}"
+
+
 @dataclass(frozen=True)
 class RedisSource:
     """Mailcow's Redis, read-only.
@@ -457,22 +520,23 @@ class RedisSource:
         return None if self.ed25519_key_prefix is None else f"{self.ed25519_key_prefix}PRIV_KEYS"
 
     def resolve_password(self, env: Mapping[str, str] = os.environ) -> str | None:
-        """Read the password now (at connect time): the file if configured (one trailing newline
-        removed), else the environment variable if set and non-empty, else None.
+        """Read the password now (at connect time): the file if configured, else the
+        environment variable; None when the variable is unset or empty (a Redis without
+        requirepass). With the default name, an empty REDISPASS falls back to VALKEYPASS
+        (Mailcow after its move from Redis to Valkey).
 
-        Raises OSError when the password file cannot be read.
+        Raises PasswordError (naming the file or variable, never the value).
         """
         if self.password_file is not None:
-            with open(self.password_file, encoding="utf-8") as f:
-                secret = f.read()
-            return secret.removesuffix("\n").removesuffix("\r")
-        if self.password_env is not None:
-            value = env.get(self.password_env)
-            if not value and self.password_env == "REDISPASS":  # noqa: S105 - a variable name
-                # Mailcow since its move from Redis to Valkey names the password VALKEYPASS
-                value = env.get("VALKEYPASS")
-            return value or None
-        return None
+            return read_password(None, self.password_file, env)
+        name = self.password_env
+        if name is None:
+            return None
+        if not env.get(name) and name == "REDISPASS":
+            name = "VALKEYPASS"
+        if not env.get(name):
+            return None
+        return read_password(name, None, env)
 
 
 KeySource = DirectorySource | TableSource | RedisSource

@@ -38,8 +38,7 @@ import binascii
 import ipaddress
 import logging
 import re
-from collections.abc import Iterable, Mapping
-from pathlib import Path
+from collections.abc import Iterable
 from typing import Any, Literal, get_args
 
 import redis
@@ -49,7 +48,7 @@ from redis.retry import Retry
 from .keys import Algorithm, KeyLoadError, SigningKey
 from .keystore import Network, SourceResult, SourceUnavailable
 
-__all__ = ["NetworksFrom", "PasswordError", "RedisKeySource", "read_password"]
+__all__ = ["NetworksFrom", "RedisKeySource"]
 
 log = logging.getLogger(__name__)
 
@@ -58,68 +57,7 @@ NetworksFrom = Literal["keep_spam", "forwarding_hosts"]
 FWD_HOSTS_HASH = "WHITELISTED_FWD_HOST"
 KEEP_SPAM_HASH = "KEEP_SPAM"
 
-# A password file larger than this is the wrong file, not a password.
-MAX_PASSWORD_FILE = 4096
-
 _B64_SPACE = re.compile(rb"\s+")
-
-
-class PasswordError(ValueError):
-    """The Redis password cannot be read; the text names the variable or file, never the value."""
-
-
-def read_password(
-    env_name: str | None, file_path: str | None, env: Mapping[str, str]
-) -> str | None:
-    """The Redis password from a secret file or an environment variable; None when neither is
-    configured (a Redis without `requirepass`).
-
-    The file wins when both are given: a Docker secret is the safer place, and an admin who
-    mounted one means it. One trailing newline is dropped (`echo pw > file` writes one).
-    """
-    if file_path:
-        where = f"redis password file {file_path}"
-        data, failure = _read_secret_file(Path(file_path), where)
-        if failure:
-            raise PasswordError(failure)
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            # raised below, outside the handler: UnicodeDecodeError carries the bytes it failed
-            # on, and a chained __context__ would carry them along
-            text = None
-        if text is None:
-            raise PasswordError(f"{where} is not UTF-8 text")
-    elif env_name:
-        where = f"environment variable {env_name}"
-        if env_name not in env:
-            raise PasswordError(f"{where} (the redis password) is not set")
-        text = env[env_name]
-    else:
-        return None
-    if text.endswith("\r\n"):
-        text = text[:-2]
-    elif text.endswith("\n"):
-        text = text[:-1]
-    if not text:
-        raise PasswordError(f"{where} is empty")
-    if any(c in text for c in "\r\n\0"):
-        raise PasswordError(f"{where} holds more than one line; the password must be one line")
-    return text
-
-
-def _read_secret_file(path: Path, where: str) -> tuple[bytes, str]:
-    try:
-        if not path.is_file() and path.exists():
-            return b"", f"{where} is not a regular file"
-        size = path.stat().st_size
-        if size > MAX_PASSWORD_FILE:
-            return b"", f"{where} is {size} bytes: too large to be a password"
-        return path.read_bytes(), ""
-    except FileNotFoundError:
-        return b"", f"{where} does not exist"
-    except OSError as exc:
-        return b"", f"{where}: cannot read: {exc.strerror}"
 
 
 def parse_network(text: str) -> tuple[Network, bool]:

@@ -83,10 +83,8 @@ def make_source(spec: cfg.KeySource, config: cfg.Config, env: Mapping[str, str])
 
     try:
         password = spec.resolve_password(env)
-    except OSError as exc:
-        raise SourceUnavailable(
-            f"redis password file {spec.password_file}: {exc.strerror}"
-        ) from None
+    except cfg.PasswordError as exc:
+        raise SourceUnavailable(str(exc)) from None
     networks = config.relay_networks_from_mailcow
     return RedisKeySource(
         host=spec.host,
