@@ -966,3 +966,10 @@ def test_valkey_era_mailcow_password_is_used_when_redispass_is_empty() -> None:
     assert source.resolve_password({"REDISPASS": "", "VALKEYPASS": "v"}) == "v"
     assert source.resolve_password({"REDISPASS": "r", "VALKEYPASS": "v"}) == "r"
     assert source.resolve_password({}) is None
+
+
+def test_table_domain_that_idna2003_would_map_onto_another_name_is_refused(tmp_path: Path) -> None:
+    # Python's idna codec turns straße.de into strasse.de: someone else's domain
+    entry = {"domain": "straße.de", "selector": "s1", "key_file": str(tmp_path / "k.key")}
+    with pytest.raises(ConfigError, match=r"keys\.table\[0\]\.domain"):
+        parse_config({"keys": {"table": [entry]}}, "c.yml", {})

@@ -42,6 +42,7 @@ from typing import Any, TypeVar
 import yaml
 
 from dkim_sidecar.canon import Canon, Canonicalization
+from dkim_sidecar.keys import a_label
 
 __all__ = [
     "DEFAULT_KEY_DIRECTORY",
@@ -206,13 +207,14 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 def _to_a_labels(text: str) -> str:
-    """Lowercase, drop one trailing dot, convert U-labels to A-labels (IDNA via Python's codec)."""
+    """Lowercase, drop one trailing dot, convert U-labels to A-labels (as keys.check_dns_name)."""
     name = text.strip()
     if name.endswith("."):
         name = name[:-1]
     if not name.isascii():
         try:
-            name = name.encode("idna").decode("ascii")
+            # per label, refusing names that IDNA 2003 would map onto another name (keys.py)
+            name = ".".join(a_label(label) for label in name.lower().split("."))
         except UnicodeError:
             raise ValueError("is not a valid internationalized name") from None
     return name.lower()

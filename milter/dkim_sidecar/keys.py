@@ -50,7 +50,7 @@ def check_dns_name(name: str, what: str = "domain") -> str:
     text = name.strip().rstrip(".").lower()
     if not text.isascii():
         try:
-            labels = [_a_label(label) for label in text.split(".")]
+            labels = [a_label(label) for label in text.split(".")]
         except UnicodeError:
             raise KeyLoadError(f"{name!r} is not a valid {what} name") from None
         text = ".".join(labels)
@@ -62,7 +62,7 @@ def check_dns_name(name: str, what: str = "domain") -> str:
     return text
 
 
-def _a_label(label: str) -> str:
+def a_label(label: str) -> str:
     """One label as an A-label. Python's codec is IDNA 2003 (RFC 3490), which maps some
     labels onto another name (ß -> ss, final sigma -> sigma, ZWJ/ZWNJ dropped, compatibility
     forms) where IDNA 2008 (RFC 5890) keeps them apart: `straße` would be signed as `strasse`,
