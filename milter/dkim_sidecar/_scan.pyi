@@ -1,8 +1,14 @@
 # Type stub of the C helper in _scan.c.
+from typing import TypeVar
+
+_B = TypeVar("_B", bytes, memoryview)
+
 BARE_LF: int
 TAB: int
 SPACE_RUN: int
 SPACE_CRLF: int
 LONG_LINE: int
+SIMD: str  # where the masks come from: "sse2" or "swar" (portable)
 
 def scan(data: bytes, prev: int, line_len: int, limit: int, /) -> tuple[int, int]: ...
+def relax(data: _B, /) -> _B | bytes: ...
