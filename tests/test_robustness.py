@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dkim_sidecar.keys import Algorithm, SigningKey, generate_key
-from dkim_sidecar.mtaclient import MilterClient, ProtocolError, Result
+from dkim_sidecar.mtaclient import MilterClient, Result
 from harness.dkimcheck import verify_all as verify
 from harness.sidecar import Sidecar, wait_for, write_keys
 
@@ -326,10 +326,11 @@ def test_nul_bytes_in_body_are_signed(sidecar: Sidecar, dns) -> None:
     assert_signed(sidecar, msg(body=b"a\x00b\r\n\x00\r\n\x00\x00 \x00\t\r\n"), dns)
 
 
-def test_nul_in_a_header_value_signs_what_libmilter_hands_over(sidecar: Sidecar, dns) -> None:
-    """libmilter passes header values as C strings: the milter sees the value up to the NUL
-    (and Postfix itself sends it so, as a string). The signature covers that; a receiver that
-    gets the NUL and what follows it fails the signature, like any change after the milters.
+def test_nul_in_a_header_value_signs_what_the_protocol_hands_over(sidecar: Sidecar, dns) -> None:
+    """Header values are C strings in the milter protocol: the value ends at its first NUL, as
+    libmilter reads it (and Postfix itself sends it so, as a string). The signature covers
+    that; a receiver that gets the NUL and what follows it fails the signature, like any change
+    after the milters.
     An unsigned field with a NUL does not matter at all."""
     r = sidecar.send(msg(subject=b"before\x00after"), RELAY)
     assert len(r.signatures) == 1
@@ -749,19 +750,15 @@ def test_message_after_a_garbage_frame_on_another_connection(sidecar: Sidecar, d
 
 
 def test_mta_sending_an_undecodable_header_name(sidecar: Sidecar, dns) -> None:
-    """pymilter decodes header names as strict UTF-8 before our code runs; on failure it
-    answers with the exception policy (accept) to a header that expects no reply, and
-    libmilter then ignores the rest of the message: the MTA waits for its milter timeout.
-    Postfix never sends such a name (is_header() takes ASCII only), so this is only checked
-    not to crash or leak: the connection ends when the MTA gives up, the next one signs."""
-    c = sidecar.client()
-    c.sock.settimeout(2)
-    assert c.connect(RELAY) == "continue"
-    assert c.mail(b"a@example.com") == "continue"
-    c.header(b"X-\xff", b" v")
-    c.header(b"From", b" <a@example.com>")
-    with pytest.raises((TimeoutError, ProtocolError)):
-        c.eoh()
-    c.close()
-    assert settle(lambda: sidecar.metric("dkim_sidecar_milter_connections_open") == 0)
+    """Header names are bytes to us, never decoded: a name that is not UTF-8 (Postfix never
+    sends one: is_header() takes ASCII only) is one more unsigned field. The message is
+    signed over its real fields and the signature verifies."""
+    with sidecar.client() as c:
+        assert c.connect(RELAY) == "continue"
+        message = b"X-\xff: v\r\n" + msg()
+        r = c.send_message(message)
+    assert r.action == "accept" and len(r.signatures) == 1
+    assert b"x-\xff" not in r.signatures[0].lower()
+    # dkimpy cannot parse such a field; the signature does not cover it
+    assert verify(r.message.replace(b"X-\xff: v\r\n", b""), dns) == [True]
     assert_serving(sidecar, dns)

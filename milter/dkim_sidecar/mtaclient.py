@@ -12,24 +12,30 @@ import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-# protocol flags (mfdef.h)
-P_NOCONNECT, P_NOHELO, P_NOMAIL, P_NORCPT = 0x1, 0x2, 0x4, 0x8
-P_NOBODY, P_NOHDRS, P_NOEOH, P_NR_HDR = 0x10, 0x20, 0x40, 0x80
-P_NOUNKNOWN, P_NODATA, P_SKIP, P_RCPT_REJ = 0x100, 0x200, 0x400, 0x800
-P_NR_CONN, P_NR_HELO, P_NR_MAIL, P_NR_RCPT = 0x1000, 0x2000, 0x4000, 0x8000
-P_NR_DATA, P_NR_UNKN, P_NR_EOH, P_NR_BODY = 0x10000, 0x20000, 0x40000, 0x80000
-P_HDR_LEADSPC = 0x100000
-ALL_PROTOCOL = 0x1FFFFF
-ALL_ACTIONS = 0x1FF
-
-# macro stages for setsymlist (SMFIM_*)
-STAGE_CODES = {0: "C", 1: "H", 2: "M", 3: "R", 4: "N", 5: "E", 6: "T"}
-
-CHUNK = 65535  # MILTER_CHUNK_SIZE: the largest body chunk an MTA sends
-
-
-class ProtocolError(Exception):
-    pass
+from .protocol import (
+    ALL_ACTIONS,
+    ALL_PROTOCOL,
+    CHUNK,
+    P_HDR_LEADSPC,
+    P_NOBODY,
+    P_NOCONNECT,
+    P_NODATA,
+    P_NOEOH,
+    P_NOHDRS,
+    P_NOHELO,
+    P_NOMAIL,
+    P_NORCPT,
+    P_NR_BODY,
+    P_NR_CONN,
+    P_NR_DATA,
+    P_NR_EOH,
+    P_NR_HDR,
+    P_NR_HELO,
+    P_NR_MAIL,
+    P_NR_RCPT,
+    STAGE_CODES,
+    ProtocolError,
+)
 
 
 @dataclass
