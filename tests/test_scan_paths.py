@@ -95,6 +95,40 @@ def test_scan_every_build(
         ), name
 
 
+@settings(max_examples=300)
+@given(data=blocks, prev=st.sampled_from([0, 13, 32, 97]), line_len=st.integers(0, 1100))
+def test_edge_every_build(
+    builds: dict[str, ModuleType], data: bytes, prev: int, line_len: int
+) -> None:
+    for name, helper in builds.items():
+        flags, open_len = reference_flags(helper, data, prev, line_len)
+        expected = (flags & (helper.BARE_LF | helper.LONG_LINE), open_len)
+        assert helper.edge(data, prev, line_len, 998) == expected, name
+
+
+@pytest.mark.parametrize("length", [997, 998, 999, 1000, 1063, 1064])
+@pytest.mark.parametrize("lead", [0, 1, 63, 64, 65, 127, 500])
+def test_long_lines_at_every_block_offset(
+    builds: dict[str, ModuleType], length: int, lead: int
+) -> None:
+    # RFC 5322 §2.1.1: 998 octets before the CRLF are allowed, 999 are not. The edge watches
+    # only the distance between blocks that hold an LF; lines that end or start anywhere in a
+    # block must still be measured exactly, with and without a line carried in (line_len).
+    for line_len in (0, 5, 998):
+        for tail in (b"\r\nshort\r\n", b"\r\n", b""):
+            data = b"a" * lead + b"\r\n" + b"b" * length + tail
+            for name, helper in builds.items():
+                for limit in (998, 40):  # 40: below a block, the edge takes the full scan
+                    full = helper.scan(data, 0, line_len, limit)
+                    mask = helper.BARE_LF | helper.LONG_LINE
+                    got = helper.edge(data, 0, line_len, limit)
+                    assert got == (full[0] & mask, full[1]), (name, line_len, tail, limit)
+                if tail:
+                    long_expected = length > 998 or lead + line_len > 998
+                    flags = helper.edge(data, 0, line_len, 998)[0]
+                    assert bool(flags & helper.LONG_LINE) is long_expected, name
+
+
 @settings(max_examples=500)
 @given(data=blocks)
 def test_relax_every_build_equals_python(builds: dict[str, ModuleType], data: bytes) -> None:

@@ -174,10 +174,10 @@ class BodyEdge:
         helper = canon.scan_helper
         assert helper is not None
         prev, line = self._prev, self._line
-        flags, self._line = helper.scan(chunk, prev, line, _LONG_LINE)
+        flags, self._line = helper.edge(chunk, prev, line, _LONG_LINE)
         if flags & helper.BARE_LF:
             chunk = _fix_bare_lf(chunk, prev == 13)
-            flags, self._line = helper.scan(chunk, prev, line, _LONG_LINE)
+            flags, self._line = helper.edge(chunk, prev, line, _LONG_LINE)
         self._prev = chunk[-1]
         if flags & helper.LONG_LINE:
             self.long_line = True
