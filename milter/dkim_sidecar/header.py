@@ -7,6 +7,7 @@ Pure functions over bytes (RFC 5322 §2.2, RFC 6376 §5.4). A field is kept exac
 from __future__ import annotations
 
 import email.utils
+import functools
 import re
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
@@ -106,12 +107,27 @@ def from_domain(fields: Sequence[HeaderField]) -> FromResult:
         return FromResult(None, "no_from")
     if len(froms) > 1:
         return FromResult(None, "multiple_from")  # RFC 5322 §3.6: exactly one From
-    text = field_value(froms[0].raw).decode("utf-8", "surrogateescape")
+    value = field_value(froms[0].raw)
+    if len(value) <= _CACHED_FROM:
+        return _from_value_cached(value)
+    return _from_value(value)
+
+
+# Relay clients (printers, applications) send the same few From values again and again, and
+# parsing one costs more than the rest of the header's handling: remember the answers.
+_CACHED_FROM = 512
+
+
+def _from_value(value: bytes) -> FromResult:
+    text = value.decode("utf-8", "surrogateescape")
     domains = {address_domain(addr) for _, addr in email.utils.getaddresses([text])}
     domains.discard(None)
     if len(domains) != 1:
         return FromResult(None, "bad_from")
     return FromResult(domains.pop(), None)
+
+
+_from_value_cached = functools.lru_cache(maxsize=4096)(_from_value)
 
 
 def address_domain(address: str) -> str | None:

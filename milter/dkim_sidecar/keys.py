@@ -11,6 +11,7 @@ import enum
 import functools
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -132,6 +133,10 @@ def _parse_cached(data: bytes) -> PrivateKey:
     return parse_private_key(data)
 
 
+_PKCS1V15 = padding.PKCS1v15()
+_PREHASHED_SHA256 = utils.Prehashed(hashes.SHA256())
+
+
 @dataclass(frozen=True)
 class SigningKey:
     """A private key bound to its domain and selector: what one DKIM signature needs."""
@@ -140,6 +145,23 @@ class SigningKey:
     selector: str
     key: PrivateKey = field(repr=False, compare=False)
     source: str = "inline"
+    # per message these are asked for several times; isinstance() against cryptography's
+    # ABCs costs more than the answer is worth, so it is asked once
+    algorithm: Algorithm = field(init=False, compare=False)
+    _sign: Callable[[bytes], bytes] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        key = self.key
+        sign: Callable[[bytes], bytes]
+        if isinstance(key, rsa.RSAPrivateKey):
+            algorithm = Algorithm.RSA_SHA256
+
+            def sign(digest: bytes) -> bytes:
+                return key.sign(digest, _PKCS1V15, _PREHASHED_SHA256)
+        else:
+            algorithm, sign = Algorithm.ED25519_SHA256, key.sign
+        object.__setattr__(self, "algorithm", algorithm)
+        object.__setattr__(self, "_sign", sign)
 
     @classmethod
     def load(cls, domain: str, selector: str, data: bytes, source: str = "inline") -> SigningKey:
@@ -150,12 +172,6 @@ class SigningKey:
             return cls(d, s, _parse_cached(data), source)
         except KeyLoadError as exc:
             raise KeyLoadError(f"{selector}._domainkey.{domain} ({source}): {exc}") from None
-
-    @property
-    def algorithm(self) -> Algorithm:
-        if isinstance(self.key, rsa.RSAPrivateKey):
-            return Algorithm.RSA_SHA256
-        return Algorithm.ED25519_SHA256
 
     @property
     def bits(self) -> int:
@@ -169,9 +185,7 @@ class SigningKey:
         rsa-sha256: RSASSA-PKCS1-v1_5 over SHA-256 (RFC 6376 §3.3.1).
         ed25519-sha256: PureEdDSA over the 32-byte SHA-256 digest itself (RFC 8463 §3).
         """
-        if isinstance(self.key, rsa.RSAPrivateKey):
-            return self.key.sign(digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
-        return self.key.sign(digest)
+        return self._sign(digest)
 
     def public_key_b64(self) -> str:
         """The p= value: SubjectPublicKeyInfo for RSA (RFC 6376 §3.6.1), the raw 32-byte

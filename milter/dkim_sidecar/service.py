@@ -15,6 +15,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from typing import Any
 
 from . import __version__
 from .config import Config, ListenKind
@@ -33,29 +34,39 @@ class Reporter:
     def __init__(self, metrics: Metrics, per_domain: Callable[[], bool]) -> None:
         self.metrics = metrics
         self.per_domain = per_domain
+        # the labelled children, looked up once each (a labels() call takes a lock)
+        self._by_reason: dict[Reason, Any] = {}
+        self._by_algorithm: dict[str, Any] = {}
 
     def __call__(self, r: MessageReport) -> None:
         m = self.metrics
-        m.messages.labels(r.reason.outcome, r.reason.value).inc()
-        if r.reason is Reason.NOT_RELAY and r.queue_id is None:
+        reason = r.reason
+        counter = self._by_reason.get(reason)
+        if counter is None:
+            counter = self._by_reason[reason] = m.messages.labels(reason.outcome, reason.value)
+        counter.inc()
+        if reason is Reason.NOT_RELAY and r.queue_id is None:
             # inbound Internet mail: let go at connect, not worth a line each at info level
             event(logging.DEBUG, "not a relay client", client=r.client_ip)
             return
         algorithms = ",".join(k.algorithm.value for k in r.keys) or None
-        if r.reason is Reason.SIGNED:
+        if reason is Reason.SIGNED:
             for k in r.keys:
-                m.signatures.labels(k.algorithm.value).inc()
+                alg = k.algorithm.value
+                signatures = self._by_algorithm.get(alg)
+                if signatures is None:
+                    signatures = self._by_algorithm[alg] = m.signatures.labels(alg)
+                signatures.inc()
             m.sign_seconds.observe(r.sign_seconds)
             m.message_bytes.observe(r.size)
         if r.domain and self.per_domain():
-            m.domain_messages.labels(r.domain, r.reason.outcome).inc()
-        level = logging.WARNING if r.reason is Reason.ERROR else logging.INFO
+            m.domain_messages.labels(r.domain, reason.outcome).inc()
         event(
-            level,
-            r.reason.outcome,
+            logging.WARNING if reason is Reason.ERROR else logging.INFO,
+            reason.outcome,
             queue_id=r.queue_id,
             client=r.client_ip,
-            reason=r.reason.value,
+            reason=reason.value,
             action=r.action.value,
             domain=r.domain,
             selectors=",".join(k.selector for k in r.keys) or None,
