@@ -1,12 +1,14 @@
-"""Every build of the C helper against the pure-Python path: the x86-64 SSE2 build (the one
-installed here) and the portable SWAR build that arm64 gets, compiled here with
-DKIM_SCAN_PORTABLE. Both must give the answers of `_relax_wsp_python` and of the slow
-reference in test_scan.py, at every position against their 64-octet blocks."""
+"""Every build of the C helper against the pure-Python path: the one installed here (on x86-64
+AVX2 when the CPU has it, else SSE2), the SSE2 one (built with DKIM_SCAN_NO_AVX2) and the
+portable SWAR one that arm64 gets (DKIM_SCAN_PORTABLE). All must give the answers of
+`_relax_wsp_python` and of the slow reference in test_scan.py, at every position against
+their 64-octet blocks."""
 
 from __future__ import annotations
 
 import importlib.util
 import itertools
+import platform
 import shutil
 import subprocess
 import sysconfig
@@ -23,12 +25,12 @@ from dkim_sidecar.canon import BodyCanonicalizer, Canon
 SOURCE = Path(canon.__file__).with_name("_scan.c")
 
 
-def _build_portable(tmp: Path) -> ModuleType | None:
+def _build(tmp: Path, define: str) -> ModuleType | None:
     cc = shutil.which(sysconfig.get_config_var("CC").split()[0] or "cc") or shutil.which("cc")
     if cc is None:
         return None
     target = tmp / ("_scan" + sysconfig.get_config_var("EXT_SUFFIX"))
-    cmd = [cc, "-O2", "-fPIC", "-shared", "-DDKIM_SCAN_PORTABLE"]
+    cmd = [cc, "-O2", "-fPIC", "-shared", f"-D{define}"]
     cmd += ["-I", sysconfig.get_paths()["include"], str(SOURCE), "-o", str(target)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -44,13 +46,21 @@ def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModuleType]:
     found: dict[str, ModuleType] = {}
     if canon.scan_helper is not None:
         found[canon.scan_helper.SIMD] = canon.scan_helper
-    portable = _build_portable(tmp_path_factory.mktemp("portable"))
-    if portable is not None:
-        assert portable.SIMD == "swar"
-        found["swar"] = portable
+    for define in ("DKIM_SCAN_NO_AVX2", "DKIM_SCAN_PORTABLE"):
+        module = _build(tmp_path_factory.mktemp(define.lower()), define)
+        if module is not None:
+            found.setdefault(module.SIMD, module)
     if not found:
         pytest.skip("no C helper built and no C compiler")
     return found
+
+
+def test_the_builds_are_the_expected_ones(builds: dict[str, ModuleType]) -> None:
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    assert "swar" in builds
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert "sse2" in builds
 
 
 # filler before the interesting octets moves them across the 8- and 64-octet boundaries

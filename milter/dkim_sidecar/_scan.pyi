@@ -8,7 +8,7 @@ TAB: int
 SPACE_RUN: int
 SPACE_CRLF: int
 LONG_LINE: int
-SIMD: str  # where the masks come from: "sse2" or "swar" (portable)
+SIMD: str  # the path chosen: "avx2" or "sse2" (x86-64), "swar" (portable)
 
 def scan(data: bytes, prev: int, line_len: int, limit: int, /) -> tuple[int, int]: ...
 def edge(data: bytes, prev: int, line_len: int, limit: int, /) -> tuple[int, int]: ...
