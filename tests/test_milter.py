@@ -296,7 +296,9 @@ def test_milter_negotiates_what_it_needs(sidecar: Sidecar) -> None:
         assert c.protocol & m.P_NOHELO and c.protocol & m.P_NORCPT
         assert not c.protocol & m.P_NODATA  # the DATA step is answered (issue 7)
         assert c.macros.get("M") == ["{auth_authen}"]
-        assert c.macros.get("E") == ["i"]
+        assert c.macros.get("E") == ["i"]  # end of message
+        assert c.macros.get("N") == ["i"]  # end of header (SMFIM_EOH is 6, SMFIM_DATA 4)
+        assert "T" not in c.macros
 
 
 def test_log_line_per_message_names_queue_id_and_reason(sidecar: Sidecar) -> None:
@@ -313,3 +315,30 @@ def test_no_private_key_material_in_log_or_metrics(sidecar: Sidecar, keys) -> No
     for key in keys.values():
         for line in _pem(key).splitlines()[1:-1]:
             assert line.decode() not in text
+
+
+@pytest.mark.parametrize(
+    "withheld",
+    [
+        pytest.param(0x80 | 0x80000, id="no NR_HDR, no NR_BODY"),
+        pytest.param(0x2 | 0x8 | 0x100, id="sends HELO, RCPT and unknown commands"),
+    ],
+)
+def test_mta_offering_fewer_options_gets_every_reply_it_waits_for(
+    sidecar: Sidecar, dns, withheld: int
+) -> None:
+    """An MTA that cannot leave out replies or events (an older Postfix, Sendmail) waits for
+    an answer to each of them: every one comes, in order, and the signature still verifies.
+    A reply too many or too few would shift every later answer by one."""
+    from dkim_sidecar import mtaclient as m
+
+    with m.MilterClient(sidecar.milter, timeout=10) as c:
+        c.negotiate(protocol=m.ALL_PROTOCOL & ~withheld)
+        assert not c.protocol & withheld
+        assert c.connect(RELAY_V4) == "continue"
+        assert c.helo() == "continue"
+        for _ in range(2):  # two messages on one connection: nothing left over between them
+            r = c.send_message(msg(body=b"line\r\n" * 20000), rcpts=[b"a@example.net", b"b@x"])
+            assert verify(r.message, dns) == [True, True]
+        c._send(b"U", b"NOOP\0")
+        assert c._reply() == "continue"

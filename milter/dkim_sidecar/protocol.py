@@ -26,10 +26,11 @@ ALL_PROTOCOL = 0x1FFFFF
 F_ADDHDRS, F_SETSYMLIST = 0x1, 0x100
 ALL_ACTIONS = 0x1FF
 
-# SMFIM_*: the stages a macro list (SMFIR_SETSYMLIST, sent with the negotiation reply) is for,
-# and the command whose SMFIC_MACRO packet carries that stage's macros
-STAGE_CODES = {0: "C", 1: "H", 2: "M", 3: "R", 4: "N", 5: "E", 6: "T"}
-STAGE_OF = {code: stage for stage, code in STAGE_CODES.items()}
+# SMFIM_*: the stages a macro list (SMFIR_SETSYMLIST, sent with the negotiation reply) is for
+# (mfapi.h: CONNECT 0, HELO 1, ENVFROM 2, ENVRCPT 3, DATA 4, EOM 5, EOH 6), and the command
+# whose SMFIC_MACRO packet carries that stage's macros
+M_CONNECT, M_HELO, M_ENVFROM, M_ENVRCPT, M_DATA, M_EOM, M_EOH = range(7)
+STAGE_CODES = {0: "C", 1: "H", 2: "M", 3: "R", 4: "T", 5: "E", 6: "N"}
 
 CHUNK = 65535  # MILTER_CHUNK_SIZE: the largest body chunk an MTA sends
 

@@ -40,7 +40,19 @@ WANTED_PROTOCOL = (
     p.P_NOHELO | p.P_NORCPT | p.P_NOUNKNOWN | p.P_NR_HDR | p.P_NR_BODY | p.P_HDR_LEADSPC
 )
 WANTED_ACTIONS = p.F_ADDHDRS | p.F_SETSYMLIST
-MACROS = {2: "{auth_authen}", 4: "i", 5: "i"}  # SMFIM_ENVFROM, SMFIM_EOH, SMFIM_EOM
+MACROS = {p.M_ENVFROM: "{auth_authen}", p.M_EOH: "i", p.M_EOM: "i"}
+# the SMFIP_NR_* flag that takes the reply away from each command
+_NO_REPLY = {
+    p.C_CONNECT: p.P_NR_CONN,
+    p.C_HELO: p.P_NR_HELO,
+    p.C_MAIL: p.P_NR_MAIL,
+    p.C_RCPT: p.P_NR_RCPT,
+    p.C_DATA: p.P_NR_DATA,
+    p.C_UNKNOWN: p.P_NR_UNKN,
+    p.C_HEADER: p.P_NR_HDR,
+    p.C_EOH: p.P_NR_EOH,
+    p.C_BODY: p.P_NR_BODY,
+}
 
 _REPLY = {
     Action.CONTINUE: p.REPLY_CONTINUE,
@@ -66,23 +78,24 @@ class MilterConnection(asyncio.Protocol):
         self._protocol = 0  # the SMFIP_* flags agreed; 0 until negotiated (then nothing signs)
         self._can_add = False  # the MTA lets us add header fields (SMFIF_ADDHDRS)
         self._macros: dict[int, dict[str, str]] = {}
-        self._held: Action | None = None  # a body decision, answered at end of message
+        # a decision taken where no reply goes (body packets), answered at the next reply
+        self._held: Action | None = None
         self._closed = False
         self.idle = 0  # sweeps since the last packet
         self._handlers: dict[int, Callable[[bytes], None]] = {
             p.C_OPTNEG: self._negotiate,
             p.C_MACRO: self._macro,
             p.C_CONNECT: self._connect,
-            p.C_HELO: self._continue,
+            p.C_HELO: self._helo,
             p.C_MAIL: self._mail,
-            p.C_RCPT: self._continue,
-            p.C_DATA: self._continue,
+            p.C_RCPT: self._rcpt,
+            p.C_DATA: self._data,
             p.C_HEADER: self._header,
             p.C_EOH: self._eoh,
             p.C_BODY: self._body,
             p.C_EOM: self._eom,
             p.C_ABORT: self._abort,
-            p.C_UNKNOWN: self._continue,
+            p.C_UNKNOWN: self._unknown,
             p.C_QUIT: self._quit,
             p.C_QUIT_NC: self._quit_nc,
         }
@@ -173,14 +186,22 @@ class MilterConnection(asyncio.Protocol):
         on_error = self.server.controller.current.config.on_error
         return Action.TEMPFAIL if on_error is OnError.TEMPFAIL else Action.ACCEPT
 
-    def _answer(self, call: Callable[[], Action]) -> None:
-        """Run a Session step that the MTA waits on; a failure of ours answers the policy."""
+    def _reply(self, cmd: int, action: Action) -> None:
+        """Answer a command, unless the options agreed take its reply away (SMFIP_NR_*): then
+        a decision other than continue waits for the next command that has a reply."""
+        if not self._protocol & _NO_REPLY.get(cmd, 0):
+            self._send(_REPLY[action])
+        elif action is not Action.CONTINUE and self._held is None:
+            self._held = action
+
+    def _answer(self, cmd: int, call: Callable[[], Action]) -> None:
+        """Run a Session step; a failure of ours answers the failure policy."""
         try:
             action = call()
         except Exception:
             log.exception("milter event failed")
             action = self._policy()
-        self._send(_REPLY[action])
+        self._reply(cmd, action)
 
     def _drop(self) -> None:
         self._closed = True
@@ -219,15 +240,26 @@ class MilterConnection(asyncio.Protocol):
             # stopping (new connections pass unsigned), or an MTA that lets us add nothing
             self._send(p.REPLY_ACCEPT)
             return
-        self._answer(lambda: self.session.connect(ip))
+        self._answer(p.C_CONNECT, lambda: self.session.connect(ip))
 
-    def _continue(self, data: bytes) -> None:
-        self._send(p.REPLY_CONTINUE)
+    # Events we do not need (the MTA should not even send HELO, RCPT and unknown commands):
+    # answered with continue, unless the agreed options took their reply away.
+    def _helo(self, data: bytes) -> None:
+        self._reply(p.C_HELO, Action.CONTINUE)
+
+    def _rcpt(self, data: bytes) -> None:
+        self._reply(p.C_RCPT, Action.CONTINUE)
+
+    def _data(self, data: bytes) -> None:
+        self._reply(p.C_DATA, Action.CONTINUE)
+
+    def _unknown(self, data: bytes) -> None:
+        self._reply(p.C_UNKNOWN, Action.CONTINUE)
 
     def _mail(self, data: bytes) -> None:
         self._held = None
         auth = self._lookup("{auth_authen}", p.C_MAIL, p.C_HELO, p.C_CONNECT)
-        self._answer(lambda: self.session.mail(p.first_arg(data), auth))
+        self._answer(p.C_MAIL, lambda: self.session.mail(p.first_arg(data), auth))
 
     def _header(self, data: bytes) -> None:
         name, value = p.parse_header(data)
@@ -236,17 +268,16 @@ class MilterConnection(asyncio.Protocol):
         except Exception:
             log.exception("header event failed")
             self._held = self._held or self._policy()
-        if not self._protocol & p.P_NR_HDR:
-            self._send(p.REPLY_CONTINUE)
+        self._reply(p.C_HEADER, Action.CONTINUE)
 
     def _eoh(self, data: bytes) -> None:
-        if self._held is not None:  # a header event failed: the policy, and this message ends
-            self._send(_REPLY[self._held])
-            self._held = None
+        held, self._held = self._held, None
+        if held is not None:  # decided where no reply goes (a header event failed, say)
             self.session.abort()
+            self._reply(p.C_EOH, held)
             return
         qid = self._lookup("i", p.C_EOH, p.C_DATA, p.C_MAIL)
-        self._answer(lambda: self.session.end_of_headers(qid))
+        self._answer(p.C_EOH, lambda: self.session.end_of_headers(qid))
 
     def _body(self, data: bytes) -> None:
         try:
@@ -254,10 +285,7 @@ class MilterConnection(asyncio.Protocol):
         except Exception:
             log.exception("body event failed")
             action = self._policy()
-        if not self._protocol & p.P_NR_BODY:
-            self._send(_REPLY[action])
-        elif action is not Action.CONTINUE and self._held is None:
-            self._held = action
+        self._reply(p.C_BODY, action)
 
     def _eom(self, data: bytes) -> None:
         if data:  # Sendmail may send the last body chunk with the end of message
