@@ -2,10 +2,10 @@
 #
 #   docker build -t dkim-sidecar:latest .
 #
-# Stages: `runtime-base` is Debian trixie with only python3 and libmilter1.0.1; `builder` adds
-# the compiler and libmilter-dev on top of it and builds a venv at /opt/dkim-sidecar (pymilter
-# compiled against libmilter); the final image is runtime-base plus that venv, so builder and
-# runtime share the very same Python. Python dependencies are pinned exactly in
+# Stages: `runtime-base` is Debian trixie with only python3; `builder` adds the compiler on top
+# of it and builds a venv at /opt/dkim-sidecar (with the project's small C helper compiled);
+# the final image is runtime-base plus that venv, so builder and runtime share the very same
+# Python. Python dependencies are pinned exactly in
 # docker/requirements.txt (installed with --no-deps and checked with `pip check`, so the list is
 # complete); the project itself is installed last.
 # The image runs as an unprivileged user and writes nothing outside /tmp, so it works with
@@ -18,7 +18,7 @@ FROM debian:trixie-slim AS runtime-base
 # hadolint ignore=DL3008
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        libmilter1.0.1 python3 \
+        python3 \
     && rm -rf /var/lib/apt/lists/*
 
 
@@ -32,18 +32,18 @@ ENV DEBIAN_FRONTEND=noninteractive \
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
-        ca-certificates gcc libc6-dev libmilter-dev python3-dev python3-venv \
+        ca-certificates gcc libc6-dev python3-dev python3-venv \
     && rm -rf /var/lib/apt/lists/*
 
 RUN python3 -m venv /opt/dkim-sidecar
 ENV PATH=/opt/dkim-sidecar/bin:$PATH
 
-# Exact versions of every runtime dependency. Wheels only, except pymilter (compiled here
-# against libmilter) and dkimpy, which PyPI has only as source. setuptools (pinned too) is only
-# a build tool: it builds those two and the project, and is removed again below.
+# Exact versions of every runtime dependency. Wheels only, except dkimpy, which PyPI has only
+# as source. setuptools (pinned too) is only a build tool: it builds dkimpy and the project,
+# and is removed again below.
 COPY docker/requirements.txt docker/build-requirements.txt /tmp/
 RUN pip install --no-deps -r /tmp/build-requirements.txt \
-    && pip install --no-deps --no-build-isolation --only-binary=:all: --no-binary=pymilter,dkimpy \
+    && pip install --no-deps --no-build-isolation --only-binary=:all: --no-binary=dkimpy \
         -r /tmp/requirements.txt
 
 # The project itself, without dependencies (they are all above), then a consistency check.
@@ -77,8 +77,8 @@ COPY --from=builder /opt/dkim-sidecar /opt/dkim-sidecar
 COPY docker/config.yml /etc/dkim-sidecar/config.yml
 COPY docker/healthcheck.py /usr/local/lib/dkim-sidecar/healthcheck.py
 
-# Fail the build, not the first start, if the C extension cannot find libmilter at run time.
-RUN /opt/dkim-sidecar/bin/python -c "import Milter, dkim, dkim_sidecar, dkim_sidecar._scan"
+# Fail the build, not the first start, if a module or the C helper cannot load at run time.
+RUN /opt/dkim-sidecar/bin/python -c "import dkim, dkim_sidecar.service, dkim_sidecar._scan"
 
 # Read-only root filesystem: no .pyc writes (the venv was byte-compiled at install time, and
 # Debian byte-compiles the standard library), temporary files only under /tmp (a tmpfs),

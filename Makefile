@@ -7,8 +7,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-# What `make run` needs: a Python with venv and headers, a C compiler and libmilter for pymilter.
-RUN_PACKAGES := python3 python3-venv python3-dev gcc libc6-dev libmilter-dev ca-certificates openssl
+# What `make run` needs: a Python with venv and headers, and a C compiler for the C helper.
+RUN_PACKAGES := python3 python3-venv python3-dev gcc libc6-dev ca-certificates openssl
 # What the tests add: a real Postfix, a real Redis, the Docker engine and debootstrap for the
 # container tests, OpenDKIM for the side-by-side benchmark.
 TEST_PACKAGES := $(RUN_PACKAGES) postfix redis-server docker.io debootstrap opendkim opendkim-tools \

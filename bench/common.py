@@ -96,9 +96,8 @@ def machine_info() -> dict[str, str]:
         from importlib.metadata import version
 
         dkimpy = version("dkimpy")
-        pymilter = version("pymilter")
     except Exception:
-        dkimpy = pymilter = "?"
+        dkimpy = "?"
     return {
         "nproc": str(os.cpu_count()),
         "cpu": model,
@@ -108,7 +107,6 @@ def machine_info() -> dict[str, str]:
         "openssl": backend.openssl_version_text(),
         "cryptography": cryptography.__version__,
         "dkimpy": dkimpy,
-        "pymilter": pymilter,
         "opendkim": cmd(OPENDKIM, "-V"),
         "postfix": cmd("/usr/sbin/postconf", "-dh", "mail_version"),
         "commit": cmd("git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"),

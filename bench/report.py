@@ -122,7 +122,7 @@ def markdown(r: dict[str, Any], chart: str | None) -> str:
         f"Machine: {info['nproc']} {TIMES} {info['cpu']}, {info['memory']}, "
         f"Linux {info['kernel']}; "
         f"Python {info['python']}, {info['openssl']}, cryptography {info['cryptography']}, "
-        f"pymilter {info['pymilter']}, dkimpy {info['dkimpy']}, {info['opendkim']}, "
+        f"dkimpy {info['dkimpy']}, {info['opendkim']}, "
         f"Postfix {info['postfix']}; commit {info['commit']}. Load average at start "
         f"{r['load_before']}, at end {r['load_after']}; CPU used by other work on the "
         f"machine while the timed runs ran: {fmt(r.get('foreign_cores'), 2)} cores on average.",

@@ -428,7 +428,7 @@ def run_profile(work: Path, keyfile: Path) -> None:
                     k = int(num)
                     total += k
                     frames = stack.split(";")
-                    leaf[frames[-1] or "(no Python frame: libmilter/C)"] += k
+                    leaf[frames[-1] or "(no Python frame: C)"] += k
                     for f in set(frames):
                         incl[f] += k
                 print(f"\n== {label} {kind}: {run['cpu_ms']:.2f} ms CPU/msg, {path}")

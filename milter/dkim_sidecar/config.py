@@ -396,12 +396,6 @@ class Listen:
             return f"inet6:[{self.host}]:{self.port}"
         return f"inet:{self.host}:{self.port}"
 
-    def to_libmilter(self) -> str:
-        """libmilter's spelling (`smfi_setconn`): `inet:PORT@HOST`, `inet6:PORT@ADDR`, `unix:/p`."""
-        if self.kind is ListenKind.UNIX:
-            return f"unix:{self.path}"
-        return f"{self.kind.value}:{self.port}@{self.host}"
-
 
 # --- key sources -------------------------------------------------------------------------------
 

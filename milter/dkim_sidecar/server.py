@@ -25,13 +25,12 @@ import asyncio
 import logging
 import socket
 from collections.abc import Callable
-from typing import Any
 
 from . import protocol as p
-from .config import OnError
+from .config import Listen, ListenKind, OnError
 from .logs import event
 from .metrics import Metrics
-from .runtime import Controller
+from .runtime import Controller, Runtime
 from .session import Action, Reporter, Session
 
 log = logging.getLogger("dkim_sidecar")
@@ -347,7 +346,7 @@ class MilterServer:
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
-    def current(self) -> Any:
+    def current(self) -> Runtime:
         return self.controller.current
 
     def opened(self, conn: MilterConnection) -> None:
@@ -362,17 +361,18 @@ class MilterServer:
     def in_progress(self) -> int:
         return sum(1 for c in self.connections if c.session.in_progress)
 
-    async def start(self, listen: Any) -> None:
+    async def start(self, listen: Listen) -> None:
         """Listen on a config.Listen; OSError when the address cannot be taken."""
         loop = asyncio.get_running_loop()
 
         def factory() -> MilterConnection:
             return MilterConnection(self)
 
-        if listen.kind.value == "unix":
+        if listen.kind is ListenKind.UNIX:
             self._server = await loop.create_unix_server(factory, listen.path, backlog=511)
         else:
-            family = socket.AF_INET6 if listen.kind.value == "inet6" else socket.AF_INET
+            family = socket.AF_INET6 if listen.kind is ListenKind.INET6 else socket.AF_INET
+            assert listen.port is not None
             self._server = await loop.create_server(
                 factory, listen.host, listen.port, family=family, backlog=511, reuse_address=True
             )

@@ -1,6 +1,6 @@
 """One milter connection and the messages on it: every signing decision is made here.
 
-This layer knows nothing of pymilter: the adapter in service.py passes each protocol event
+This layer knows nothing of the protocol: the server (server.py) passes each milter event
 on and carries the answer back. Decisions are taken as early as possible (DESIGN §4): the
 client address at connect, authentication at MAIL, keys and existing signatures at the end
 of the header; only then is the body hashed.
