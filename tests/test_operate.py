@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import stat
 import threading
 import time
 from pathlib import Path
@@ -200,3 +201,21 @@ def test_reload_of_an_empty_file_keeps_the_running_config(tmp_path: Path, pem: b
         assert len(s.send(MESSAGE, RELAY).signatures) == 1
     finally:
         assert s.stop() == 0
+
+
+def test_unix_socket_serves_and_is_cleaned_up(tmp_path: Path, pem: bytes) -> None:
+    """`listen: unix:/path`: a stale socket file from a killed run is replaced, the socket is
+    for its owner and group only (whoever can connect can ask for signatures), and it is gone
+    after a clean stop."""
+    path = tmp_path / "milter.sock"
+    path.write_bytes(b"")  # what a killed run leaves behind
+    s = make(tmp_path, pem, listen=f"unix:{path}").start()
+    try:
+        assert stat.S_ISSOCK(path.stat().st_mode)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o660
+        r = s.send(MESSAGE, RELAY)
+        assert len(r.signatures) == 1
+        assert not s.send(MESSAGE, OTHER).signatures
+    finally:
+        assert s.stop() == 0
+    assert not path.exists()

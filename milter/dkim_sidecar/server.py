@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from collections.abc import Callable
 
@@ -398,7 +399,11 @@ class MilterServer:
             return MilterConnection(self)
 
         if listen.kind is ListenKind.UNIX:
+            assert listen.path is not None
             self._server = await loop.create_unix_server(factory, listen.path, backlog=511)
+            # owner and group only: whoever can connect can ask for signatures (Postfix's user
+            # needs the group, or the same user)
+            os.chmod(listen.path, 0o660)
         else:
             family = socket.AF_INET6 if listen.kind is ListenKind.INET6 else socket.AF_INET
             assert listen.port is not None

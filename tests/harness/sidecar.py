@@ -72,7 +72,8 @@ class Sidecar:
 
     @property
     def milter(self) -> str:
-        return f"inet:127.0.0.1:{self.port}"
+        listen = str(self.config["listen"])
+        return listen if listen.startswith("unix:") else f"inet:127.0.0.1:{self.port}"
 
     @property
     def postfix_milter(self) -> str:
@@ -104,6 +105,11 @@ class Sidecar:
         if self.proc is not None and self.proc.poll() is not None:
             raise RuntimeError(f"dkim-sidecar exited with {self.proc.returncode}:\n{self.log()}")
         try:
+            if self.milter.startswith("unix:"):
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.settimeout(0.5)
+                    s.connect(self.milter[5:])
+                return True
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
                 return True
         except OSError:
