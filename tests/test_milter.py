@@ -111,7 +111,8 @@ def test_authenticated_sender_is_left_to_rspamd(sidecar: Sidecar) -> None:
         "dkim_sidecar_messages_total", outcome="skipped", reason="authenticated"
     )
     r = sidecar.send(msg(), RELAY_V4, auth="bob")
-    assert (r.action, r.stage) == ("accept", "mail")
+    # decided at MAIL, which has no reply (SMFIP_NR_MAIL): answered at DATA, before the header
+    assert (r.action, r.stage) == ("accept", "data")
     after = sidecar.metric("dkim_sidecar_messages_total", outcome="skipped", reason="authenticated")
     assert after == before + 1
 
@@ -120,7 +121,8 @@ def test_existing_signature_of_same_domain_is_not_signed_again(sidecar: Sidecar,
     signed = sidecar.send(msg(), RELAY_V4)
     assert len(signed.signatures) == 2
     again = sidecar.send(signed.message, RELAY_V4)
-    assert (again.action, again.stage) == ("accept", "eoh")
+    # decided at the end of the header (no reply there: SMFIP_NR_EOH), answered at the end
+    assert (again.action, again.stage) == ("accept", "eom")
     assert not again.signatures
 
 
@@ -269,11 +271,11 @@ def test_independent_milter_client_gets_a_verifying_signature(sidecar: Sidecar, 
     conn.optneg_mta(actions=C.SMFI_V6_ACTS & ~0x100)
     conn.send_ar(C.SMFIC_CONNECT, hostname="relay", family="4", port=4000, address=RELAY_V4)
     conn.send_macro(C.SMFIC_MAIL, i="Q1")
-    conn.send_ar(C.SMFIC_MAIL, args=["<a@example.com>"])
+    conn._send(C.SMFIC_MAIL, args=["<a@example.com>"])  # no reply: SMFIP_NR_MAIL
     headers = [("From", " <a@example.com>"), ("To", " <b@example.net>"), ("Subject", " hi")]
     for name, value in headers:
         conn._send(C.SMFIC_HEADER, name=name, value=value)  # no reply: SMFIP_NR_HDR
-    conn.send_ar(C.SMFIC_EOH)
+    conn._send(C.SMFIC_EOH)  # no reply: SMFIP_NR_EOH
     conn._send(C.SMFIC_BODY, buf="Hello there.\r\n")  # no reply: SMFIP_NR_BODY
     replies = conn.send_eom()
     sock.close()
@@ -295,6 +297,10 @@ def test_milter_negotiates_what_it_needs(sidecar: Sidecar) -> None:
         assert c.protocol & m.P_NR_HDR  # no reply per header
         assert c.protocol & m.P_NOHELO and c.protocol & m.P_NORCPT
         assert not c.protocol & m.P_NODATA  # the DATA step is answered (issue 7)
+        assert not c.protocol & m.P_NR_DATA and not c.protocol & m.P_NR_CONN
+        # no round trip where no decision is due (issue 7): MAIL, end of header, body
+        for flag in (m.P_NR_MAIL, m.P_NR_EOH, m.P_NR_BODY):
+            assert c.protocol & flag
         assert c.macros.get("M") == ["{auth_authen}"]
         assert c.macros.get("E") == ["i"]  # end of message
         assert c.macros.get("N") == ["i"]  # end of header (SMFIM_EOH is 6, SMFIM_DATA 4)

@@ -90,7 +90,8 @@ def assert_never_signed(sidecar: Sidecar, connect: Any, message: bytes | None = 
         assert first == "accept"
         r = push_anyway(c, message)
     assert not r.signatures
-    assert r.stage == "mail"  # let go again at MAIL: the client is still not ours
+    # let go again at MAIL (the client is still not ours), answered at DATA: MAIL has no reply
+    assert r.stage == "data"
 
 
 # --- clients outside the relay networks --------------------------------------------------------
@@ -222,7 +223,7 @@ def test_macros_claiming_a_relay_address_do_not_count(sidecar: Sidecar, dns) -> 
         assert connect(c) == "accept"
         # a broken MTA goes on, with MAIL macros that claim a relay client and a login
         r = c.send_message(msg(), auth=None, queue_id="Q1")
-    assert not r.signatures and r.stage == "mail"
+    assert not r.signatures and r.stage == "data"
     with sidecar.client() as c:
         c.macro("C", relay_macros)
         assert c.connect(OUTSIDE) == "accept"
@@ -280,7 +281,7 @@ def test_second_connect_on_the_same_milter_connection(sidecar: Sidecar, dns, fir
     if second == RELAY:
         assert verify(r.message, dns) == [True]
     else:
-        assert not r.signatures and r.stage == "mail"
+        assert not r.signatures and r.stage == "data"
 
 
 # --- reloads that take a network away ----------------------------------------------------------
@@ -308,7 +309,7 @@ def test_reload_shrinking_relay_networks_applies_at_the_next_mail(reloading: Sid
             assert verify(first.message, dns) == [True]
             _relay_networks(s, ["198.51.100.0/24"])  # 192.0.2.0/25 is gone
             r = c.send_message(msg(body=b"after the reload\r\n"), queue_id="AFTER1")
-            assert (r.action, r.stage) == ("accept", "mail") and not r.signatures
+            assert (r.action, r.stage) == ("accept", "data") and not r.signatures
             r = c.send_message(msg(body=b"and the next\r\n"))
             assert not r.signatures
         assert s.metric(MESSAGES, outcome="skipped", reason="not_relay") == not_relay + 2
@@ -469,7 +470,7 @@ def test_sighup_storm_mid_connection_follows_each_message_snapshot(tmp_path: Pat
                 if i % 2 == 0:
                     assert verify(r.message, dns) == [True]
                 else:
-                    assert not r.signatures and r.stage == "mail"
+                    assert not r.signatures and r.stage == "data"
     finally:
         _finish(s)
 

@@ -188,8 +188,8 @@ def signed(r: Result) -> bool:
 
 
 def unsigned_no_key(r: Result) -> bool:
-    # let through unsigned, decided at end of header: the domain has no key
-    return r.action == "accept" and r.stage == "eoh" and not r.signatures
+    # let through unsigned, decided at end of header (answered at the end: SMFIP_NR_EOH)
+    return r.action == "accept" and r.stage == "eom" and not r.signatures
 
 
 def let_go_at_connect(r: Result) -> bool:

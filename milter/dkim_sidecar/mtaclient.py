@@ -269,7 +269,9 @@ class MilterClient:
             return Result(r, "mail", message=message)
         for rc in rcpts:
             self.rcpt(rc)
-        self.data()
+        r = self.data()
+        if r != "continue":
+            return Result(r, "data", message=message)
         fields, body = split_header(message)
         for name, value in fields:
             r = self.header(name, value)
