@@ -380,3 +380,73 @@ def test_sign_with_an_unknown_canonicalization_gives_one_clear_line(tmp_path: Pa
         "dkim-sidecar: error: --canon: 'loose/relaxed' is not a canonicalization "
         "(expected simple or relaxed for header and body, e.g. relaxed/relaxed)"
     ]
+
+
+# --- postfix-map ---------------------------------------------------------------------------------
+
+
+def test_milter_map_lines_write_mapped_networks_as_ipv4_once() -> None:
+    from ipaddress import ip_network
+
+    from dkim_sidecar.cli import milter_map_lines
+
+    nets = [ip_network(n) for n in ("192.0.2.0/28", "2001:db8:1::/64", "::ffff:192.0.2.0/124")]
+    nets.append(ip_network("::ffff:203.0.113.7/128"))
+    assert milter_map_lines(nets, "M") == [
+        "192.0.2.0/28\tM",
+        "2001:db8:1::/64\tM",
+        "203.0.113.7/32\tM",
+    ]
+
+
+def postmap(table: Path, address: str) -> str | None:
+    p = subprocess.run(
+        ["postmap", "-q", address, f"cidr:{table}"], capture_output=True, text=True, check=False
+    )
+    assert p.returncode in (0, 1), p.stderr  # 1: not found
+    return p.stdout.strip() if p.returncode == 0 else None
+
+
+def test_postfix_map_is_a_table_postfix_reads(setup: tuple[Path, Path, redis.Redis]) -> None:
+    """Relay networks from the config and Mailcow's forwarding hosts (KEEP_SPAM) from Redis;
+    Postfix's own postmap finds the milters for those clients and nothing for others."""
+    from harness.redis import seed_forwarding_host
+
+    config, _, client = setup
+    data = yaml.safe_load(config.read_text())
+    data["relay_networks"] = ["192.0.2.0/24", "2001:db8:1::/64"]
+    data["relay_networks_from_mailcow"] = "keep_spam"
+    config.write_text(yaml.safe_dump(data))
+    seed_forwarding_host(client, "198.51.100.0/28", keep_spam=True)
+    seed_forwarding_host(client, "203.0.113.9", keep_spam=False)  # spam filter on: not ours
+    p = run("postfix-map", "--config", str(config), env={"REDISPASS": PASSWORD})
+    out, err = text(p)
+    assert p.returncode == 0, err
+    table = config.parent / "milters.cidr"
+    table.write_text(out)
+    from dkim_sidecar.cli import DEFAULT_MAP_MILTERS
+
+    for inside in ("192.0.2.77", "2001:db8:1::25", "198.51.100.3"):
+        assert postmap(table, inside) == DEFAULT_MAP_MILTERS
+    for outside in ("192.0.3.1", "198.51.100.16", "203.0.113.9", "2001:db8:2::1"):
+        assert postmap(table, outside) is None
+
+
+def test_postfix_map_with_redis_down_says_what_is_missing(tmp_path: Path) -> None:
+    from harness.sidecar import free_port
+
+    config = tmp_path / "config.yml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "relay_networks": ["192.0.2.0/24"],
+                "relay_networks_from_mailcow": "forwarding_hosts",
+                "keys": {"redis": {"host": "127.0.0.1", "port": free_port()}},
+            }
+        )
+    )
+    p = run("postfix-map", "--config", str(config), env={"REDISPASS": PASSWORD})
+    out, err = text(p)
+    assert p.returncode == 1
+    assert "192.0.2.0/24\t" in out
+    assert "unreachable (its networks are missing above)" in err and PASSWORD not in err

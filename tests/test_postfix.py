@@ -3,10 +3,12 @@ message is read back byte-exact at the sink and judged by dkimpy with DNS from a
 
 from __future__ import annotations
 
+from ipaddress import ip_network
 from pathlib import Path
 
 import pytest
 
+from dkim_sidecar.cli import milter_map_lines
 from dkim_sidecar.header import split_message
 from dkim_sidecar.keys import Algorithm, SigningKey, generate_key
 from harness.dkimcheck import signature_domains, verify_all
@@ -186,9 +188,9 @@ def test_smtpd_milter_maps_keeps_outside_clients_away_from_the_sidecar(
     sidecar at all (Postfix picks the milter list by client address)."""
     pf = postfix_factory("", extra_mynetworks=NETS)
     table = pf.config_dir / "dkim_sidecar_milters.cidr"
-    table.write_text(
-        f"192.0.2.0/24 {{ {sidecar.postfix_milter}, default_action=accept, connect_timeout=10s }}\n"
-    )
+    # the table as `dkim-sidecar postfix-map` writes it
+    milters = f"{{ {sidecar.postfix_milter}, default_action=accept, connect_timeout=10s }}"
+    table.write_text("\n".join(milter_map_lines([ip_network("192.0.2.0/24")], milters)) + "\n")
     table.chmod(0o644)
     pf.set_main_cf({"smtpd_milter_maps": f"cidr:{table}"})
     before = sidecar.metric("dkim_sidecar_messages_total", outcome="skipped", reason="not_relay")

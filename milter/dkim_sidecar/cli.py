@@ -7,6 +7,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import re
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from .canon import Canonicalization
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, IPNetwork, load_config
 from .header import split_message
 from .keys import Algorithm, KeyLoadError, SigningKey, generate_key
 from .keystore import KeySet, SourceUnavailable
@@ -258,6 +259,46 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+# Mailcow's smtpd_milters, then the sidecar as config/postfix-extra.cf adds it
+DEFAULT_MAP_MILTERS = (
+    "inet:rspamd:9900, { inet:dkim-sidecar:8891, default_action=accept, connect_timeout=10s, "
+    "command_timeout=30s, content_timeout=300s }"
+)
+
+
+def milter_map_lines(networks: Sequence[IPNetwork], milters: str) -> list[str]:
+    """A Postfix CIDR table for smtpd_milter_maps: each relay network gets `milters`; other
+    clients keep smtpd_milters and never reach the sidecar. Postfix shows an IPv4-mapped
+    client (::ffff:a.b.c.d) as IPv4, so mapped networks are written as IPv4 ones."""
+    lines, seen = [], set()
+    for net in networks:
+        if isinstance(net, ipaddress.IPv6Network) and net.subnet_of(_MAPPED):
+            net = ipaddress.IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
+        if net not in seen:
+            seen.add(net)
+            lines.append(f"{net}\t{milters}")
+    return lines
+
+
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def cmd_postfix_map(args: argparse.Namespace) -> int:
+    _, config = _load(args.config)
+    keys, unreachable = _load_keys(config)
+    networks = [*config.relay_networks, *keys.networks]
+    print(
+        "# smtpd_milter_maps table from dkim-sidecar's relay networks"
+        + (" and Mailcow's forwarding hosts" if keys.networks else "")
+        + "\n# regenerate after changing them: dkim-sidecar postfix-map > this file"
+    )
+    for line in milter_map_lines(networks, args.milters):
+        print(line)
+    for line in unreachable:
+        print(f"unreachable (its networks are missing above): {line}", file=sys.stderr)
+    return 1 if unreachable else 0
+
+
 def cmd_genkey(args: argparse.Namespace) -> int:
     algorithm = Algorithm.ED25519_SHA256 if args.algorithm == "ed25519" else Algorithm.RSA_SHA256
     pem = generate_key(algorithm, args.bits)
@@ -340,6 +381,19 @@ def parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("check-config", help="validate the config and its keys")
     with_config(sp)
     sp.set_defaults(func=cmd_check_config)
+
+    sp = sub.add_parser(
+        "postfix-map",
+        help="print a Postfix CIDR table for smtpd_milter_maps: only the relay networks reach "
+        "the sidecar",
+    )
+    with_config(sp)
+    sp.add_argument(
+        "--milters",
+        default=DEFAULT_MAP_MILTERS,
+        help="the milter list for relay clients (default: Mailcow's rspamd, then the sidecar)",
+    )
+    sp.set_defaults(func=cmd_postfix_map)
 
     sp = sub.add_parser("genkey", help="make a key file for a key directory")
     sp.add_argument("--domain", "-d", required=True)
