@@ -36,6 +36,7 @@ def test_metrics_move_with_messages_and_health_endpoints_answer(tmp_path: Path, 
     s = make(tmp_path, pem).start()
     try:
         assert s.http("/healthz") == (200, "ok\n")
+        assert "loop=uvloop" in s.log()  # the installed dependency is the loop in use
         assert s.http("/readyz")[0] == 200
         assert s.http("/nope")[0] == 404
         assert s.metric("dkim_sidecar_build_info", version="0.1.0") == 1

@@ -1,4 +1,5 @@
-"""The milter protocol served from one asyncio event loop: packets in, Session calls, replies out.
+"""The milter protocol served from one asyncio event loop (uvloop where installed, see
+service.py): packets in, Session calls, replies out.
 
 Why not libmilter (through pymilter): it runs a thread per connection and crosses into Python
 per event through the GIL, and needed a workaround each for its signal handling, its stop, its
@@ -31,6 +32,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable
+from typing import cast
 
 from . import protocol as p
 from .config import Listen, ListenKind, OnError
@@ -121,8 +123,7 @@ class MilterConnection(asyncio.BufferedProtocol):
     # --- asyncio callbacks ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are no subclass
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # each reply is one write; with Nagle on, a reply written while the MTA's ACK of

@@ -14,7 +14,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from . import __version__
@@ -77,6 +77,20 @@ class Reporter:
         )
 
 
+def event_loop() -> tuple[Callable[[Coroutine[Any, Any, int]], int], str]:
+    """uvloop (libuv, in C) where it is installed, the standard asyncio loop otherwise.
+
+    Postfix writes each milter packet on its own, so a message wakes the loop some twenty
+    times; uvloop's wake-up costs a fraction of asyncio's Python one. Measured through a real
+    Postfix, side by side (issue 7): about 10% less milter CPU per message, all else the same.
+    """
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run, "asyncio"
+    return uvloop.run, "uvloop"
+
+
 STOP_GRACE = 25.0  # seconds messages in progress get at SIGTERM (Docker waits 10 s by default)
 
 
@@ -96,12 +110,14 @@ class Service:
 
     def run(self) -> int:
         config = self.config
+        run, loop_name = event_loop()
         event(
             logging.INFO,
             "starting",
             version=__version__,
             listen=str(config.listen),
             config=self.controller.config_path or "<built-in defaults>",
+            loop=loop_name,
         )
         if config.metrics.listen is not None:
             ml = config.metrics.listen
@@ -115,7 +131,7 @@ class Service:
                     logging.ERROR, "cannot listen for metrics", listen=str(ml), error=exc.strerror
                 )
                 return 1
-        return asyncio.run(self._main())
+        return run(self._main())
 
     async def _main(self) -> int:
         loop = asyncio.get_running_loop()
