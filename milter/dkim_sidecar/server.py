@@ -98,7 +98,7 @@ class MilterConnection(asyncio.BufferedProtocol):
         self._protocol = 0  # the SMFIP_* flags agreed; 0 until negotiated (then nothing signs)
         self._can_add = False  # the MTA lets us add header fields (SMFIF_ADDHDRS)
         self._macros: dict[int, dict[str, str]] = {}
-        # a decision taken where no reply goes (body packets), answered at the next reply
+        # a decision taken where no reply goes (MAIL, header, body), answered at the next reply
         self._held: Action | None = None
         self._closed = False
         self.idle = 0  # sweeps since the last packet
