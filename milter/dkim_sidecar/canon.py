@@ -84,8 +84,9 @@ def canon_header_relaxed(field: bytes) -> bytes:
     if not sep:
         raise ValueError("header field without a colon")
     value = value.replace(CRLF, b"")
-    value = _WSP_RUN.sub(b" ", value).strip(_WSP)
-    return name.rstrip(_WSP).lower() + b":" + value + CRLF
+    if b"\t" in value or b"  " in value:  # most values have single spaces only: no regex
+        value = _WSP_RUN.sub(b" ", value)
+    return name.rstrip(_WSP).lower() + b":" + value.strip(_WSP) + CRLF
 
 
 def canon_header(canon: Canon, field: bytes) -> bytes:
