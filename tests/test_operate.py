@@ -37,6 +37,8 @@ def test_metrics_move_with_messages_and_health_endpoints_answer(tmp_path: Path, 
     try:
         assert s.http("/healthz") == (200, "ok\n")
         assert "loop=uvloop" in s.log()  # the installed dependency is the loop in use
+        # the C helper was built and loads (it is optional: a failed build would only be slow)
+        assert "body_scan=python" not in s.log() and "body_scan=" in s.log()
         assert s.http("/readyz")[0] == 200
         assert s.http("/nope")[0] == 404
         assert s.metric("dkim_sidecar_build_info", version="0.1.0") == 1

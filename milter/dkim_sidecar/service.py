@@ -18,6 +18,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from . import __version__
+from .canon import scan_helper
 from .config import Config, ListenKind
 from .logs import event
 from .metrics import Metrics, serve_http
@@ -118,6 +119,8 @@ class Service:
             listen=str(config.listen),
             config=self.controller.config_path or "<built-in defaults>",
             loop=loop_name,
+            # the body path: the C helper's SIMD level, or "python" if it did not build
+            body_scan=scan_helper.SIMD if scan_helper is not None else "python",
         )
         if config.metrics.listen is not None:
             ml = config.metrics.listen
