@@ -86,7 +86,9 @@ def test_packets_decode_with_an_independent_codec() -> None:
     """miltertest (PyPI) reads what we write."""
     from miltertest import codec, constants
 
-    cmd, fields, rest = codec.decode_msg(p.insert_header(0, b"DKIM-Signature", b" v=1;\n\tb=x"))
+    data = p.insert_header(0, b"DKIM-Signature", b" v=1;\n\tb=x")
+    assert p.parse_insert_header(data[5:]) == (0, b"DKIM-Signature", b" v=1;\n\tb=x")
+    cmd, fields, rest = codec.decode_msg(data)
     assert rest == b"" and cmd == constants.SMFIR_INSHEADER
     assert fields == {"index": 0, "name": "DKIM-Signature", "value": " v=1;\n\tb=x"}
     assert codec.decode_msg(p.REPLY_ACCEPT)[0][0] == constants.SMFIR_ACCEPT

@@ -120,9 +120,7 @@ def signed(msg: bytes, out: bytes) -> bytes:
     result = Result("accept", "eom")
     for cmd, data in replies(out):
         if cmd == p.R_INSHEADER:
-            (idx,) = struct.unpack("!I", data[:4])
-            name, value = data[4:].rstrip(b"\0").split(b"\0", 1)
-            result.inserted.append((idx, name, value))
+            result.inserted.append(p.parse_insert_header(data))
     return apply_changes(msg, result, leadspc=True)
 
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from .canon import Canonicalization
-from .config import Config, ConfigError, IPNetwork, load_config
+from .config import Config, ConfigError, IPNetwork, load_config, mapped_ipv4
 from .header import split_message
 from .keys import Algorithm, KeyLoadError, SigningKey, generate_key
 from .keystore import KeySet, SourceUnavailable
@@ -272,15 +272,12 @@ def milter_map_lines(networks: Sequence[IPNetwork], milters: str) -> list[str]:
     client (::ffff:a.b.c.d) as IPv4, so mapped networks are written as IPv4 ones."""
     lines, seen = [], set()
     for net in networks:
-        if isinstance(net, ipaddress.IPv6Network) and net.subnet_of(_MAPPED):
-            net = ipaddress.IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
+        if isinstance(net, ipaddress.IPv6Network):
+            net = mapped_ipv4(net) or net
         if net not in seen:
             seen.add(net)
             lines.append(f"{net}\t{milters}")
     return lines
-
-
-_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
 
 def cmd_postfix_map(args: argparse.Namespace) -> int:

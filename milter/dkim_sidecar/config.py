@@ -575,6 +575,16 @@ class MetricsConfig:
 
 _MAPPED_V4 = IPv6Network("::ffff:0:0/96")
 _MAPPED_PREFIX = bytes(10) + b"\xff\xff"
+
+
+def mapped_ipv4(net: IPv6Network) -> IPv4Network | None:
+    """The IPv4 network that an IPv4-mapped one (::ffff:a.b.c.d/n, n ≥ 96) stands for, else
+    None. Postfix reports such a client as IPv4, and is_relay matches it so."""
+    if not net.subnet_of(_MAPPED_V4):
+        return None
+    return IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
+
+
 _RELAXED_RELAXED = Canonicalization(Canon.RELAXED, Canon.RELAXED)
 
 
@@ -613,9 +623,8 @@ class Config:
                 v4.append((int(net.network_address), int(net.netmask)))
                 continue
             v6.append((int(net.network_address), int(net.netmask)))
-            if net.subnet_of(_MAPPED_V4):
-                # is_relay matches a mapped client address as IPv4: make ::ffff:a.b.c.d/n match.
-                mapped = IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
+            mapped = mapped_ipv4(net)
+            if mapped is not None:  # ::ffff:a.b.c.d/n also matches the IPv4 client a.b.c.d
                 v4.append((int(mapped.network_address), int(mapped.netmask)))
         object.__setattr__(self, "_relay_v4", tuple(v4))
         object.__setattr__(self, "_relay_v6", tuple(v6))

@@ -33,8 +33,11 @@ from .protocol import (
     P_NR_HELO,
     P_NR_MAIL,
     P_NR_RCPT,
+    R_INSHEADER,
     STAGE_CODES,
     ProtocolError,
+    packet,
+    parse_insert_header,
 )
 
 
@@ -124,7 +127,7 @@ class MilterClient:
     # --- framing -------------------------------------------------------------------------
 
     def _send(self, cmd: bytes, data: bytes = b"") -> None:
-        self.sock.sendall(struct.pack("!I", len(data) + 1) + cmd + data)
+        self.sock.sendall(packet(cmd, data))
 
     def _recv(self) -> tuple[bytes, bytes]:
         while True:
@@ -229,10 +232,8 @@ class MilterClient:
         result = Result("continue", "eom")
         while True:
             cmd, data = self._recv()
-            if cmd == b"i":
-                (idx,) = struct.unpack("!I", data[:4])
-                name, value = data[4:].rstrip(b"\0").split(b"\0", 1)
-                result.inserted.append((idx, name, value))
+            if cmd == R_INSHEADER:
+                result.inserted.append(parse_insert_header(data))
             elif cmd == b"h":
                 name, value = data.rstrip(b"\0").split(b"\0", 1)
                 result.added.append((name, value))

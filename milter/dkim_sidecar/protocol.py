@@ -132,6 +132,13 @@ def first_arg(data: bytes) -> bytes:
     return data.split(b"\0", 1)[0].strip(b"<>")
 
 
+def parse_insert_header(data: bytes) -> tuple[int, bytes, bytes]:
+    """SMFIR_INSHEADER's data: (index, name, value), the inverse of insert_header()."""
+    (index,) = struct.unpack_from("!I", data)
+    name, _, value = data[4:].rstrip(b"\0").partition(b"\0")
+    return index, name, value
+
+
 def insert_header(index: int, name: bytes, value: bytes) -> bytes:
     """SMFIR_INSHEADER: insert name: value at `index` (0 = topmost). The value goes as the
     MTA stores it: with SMFIP_HDR_LEADSPC it carries its own leading space; folds are LF."""

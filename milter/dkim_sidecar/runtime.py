@@ -136,7 +136,6 @@ class Controller:
         self.keys_loaded_once = False
         self.current = Runtime.build(config, KeySet(), 0)
         self.listening = False
-        self.draining = False  # set at SIGTERM: new connections are let go at connect
 
     # --- key sources ---------------------------------------------------------------------
 

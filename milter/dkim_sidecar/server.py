@@ -28,6 +28,7 @@ Protocol choices (negotiated per connection, from what the MTA offers):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -89,14 +90,14 @@ class MilterConnection(asyncio.BufferedProtocol):
 
     def __init__(self, server: MilterServer) -> None:
         self.server = server
-        self.session = Session(server.current, server.reporter)
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self._buf = bytearray(_FIRST_SIZE)
         self._start = 0  # the unparsed octets are _buf[_start:_end]
         self._end = 0
-        self._protocol = 0  # the SMFIP_* flags agreed; 0 until negotiated (then nothing signs)
-        self._can_add = False  # the MTA lets us add header fields (SMFIF_ADDHDRS)
+        self._protocol = 0  # the SMFIP_* flags agreed, 0 until negotiated
+        self._can_add = False  # the MTA lets us add header fields: never before negotiation
+        self.session = self._new_session()
         self._macros: dict[int, dict[str, str]] = {}
         # a decision taken where no reply goes (MAIL, header, body), answered at the next reply
         self._held: Action | None = None
@@ -248,7 +249,7 @@ class MilterConnection(asyncio.BufferedProtocol):
         self._can_add = bool(actions & p.F_ADDHDRS)
         mine = actions & WANTED_ACTIONS
         macros = MACROS if mine & p.F_SETSYMLIST else {}
-        self.session.exact_headers = bool(self._protocol & p.P_HDR_LEADSPC)
+        self.session.exact_headers = self._exact_headers()
         self._send(p.negotiate_reply(mine, self._protocol, macros))
 
     def _macro(self, data: bytes) -> None:
@@ -266,7 +267,7 @@ class MilterConnection(asyncio.BufferedProtocol):
         ip = p.parse_connect(data)
         self._macros = {k: v for k, v in self._macros.items() if k == p.C_CONNECT}
         self._held = None
-        if self.server.controller.draining or not self._can_add:
+        if self.server.draining or not self._can_add:
             # stopping (new connections pass unsigned), or an MTA that lets us add nothing
             self._send(p.REPLY_ACCEPT)
             return
@@ -293,34 +294,18 @@ class MilterConnection(asyncio.BufferedProtocol):
 
     def _header(self, data: bytes) -> None:
         name, value = p.parse_header(data)
-        try:
-            self.session.header(name, value)
-        except Exception:
-            log.exception("header event failed")
-            self._held = self._held or self._policy()
-        self._reply(p.C_HEADER, Action.CONTINUE)
+        self._answer(p.C_HEADER, lambda: self.session.header(name, value))
 
     def _eoh(self, data: bytes) -> None:
-        held, self._held = self._held, None
-        if held is not None:  # decided where no reply goes (a header event failed, say)
-            self.session.abort()
-            self._reply(p.C_EOH, held)
-            return
         qid = self._lookup("i", p.C_EOH, p.C_DATA, p.C_MAIL)
         self._answer(p.C_EOH, lambda: self.session.end_of_headers(qid))
 
     def _body(self, data: bytes) -> None:
-        try:
-            action = self.session.body(data)
-        except Exception:
-            log.exception("body event failed")
-            action = self._policy()
-        self._reply(p.C_BODY, action)
+        self._answer(p.C_BODY, lambda: self.session.body(data))
 
     def _eom(self, data: bytes) -> None:
         if data:  # Sendmail may send the last body chunk with the end of message
             self._body(data)
-        held, self._held = self._held, None
         qid = self._lookup("i", p.C_EOM, p.C_EOH, p.C_DATA, p.C_MAIL)
         out = []
         try:
@@ -328,8 +313,8 @@ class MilterConnection(asyncio.BufferedProtocol):
         except Exception:
             log.exception("end-of-message event failed")
             action, fields = self._policy(), []
-        if held is not None and held is not Action.CONTINUE:
-            action, fields = held, []
+        if self._held is not None:  # the message ended earlier, where no reply went
+            action, fields, self._held = self._held, [], None
         # insert at index 0 in reverse, so that the first signature ends up topmost
         for raw in reversed(fields):
             name, _, value = raw.partition(b":")
@@ -359,10 +344,18 @@ class MilterConnection(asyncio.BufferedProtocol):
         """QUIT, but a new connection follows on this socket: start over, keeping the
         negotiated options."""
         self.session.close()
-        self.session = Session(self.server.current, self.server.reporter)
-        self.session.exact_headers = bool(self._protocol & p.P_HDR_LEADSPC)
+        self.session = self._new_session()
         self._macros = {}
         self._held = None
+
+    def _new_session(self) -> Session:
+        return Session(
+            self.server.current, self.server.reporter, exact_headers=self._exact_headers()
+        )
+
+    def _exact_headers(self) -> bool:
+        """Header values come with their exact leading space (SMFIP_HDR_LEADSPC)."""
+        return bool(self._protocol & p.P_HDR_LEADSPC)
 
 
 # One table for all connections, of plain functions: a per-connection dict of bound methods
@@ -396,8 +389,10 @@ class MilterServer:
         self.max_packet = max_packet
         self.metrics: Metrics = controller.metrics
         self.connections: set[MilterConnection] = set()
+        self.draining = False  # set at SIGTERM: new connections are let go at connect
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._listen: Listen | None = None
 
     def current(self) -> Runtime:
         return self.controller.current
@@ -421,8 +416,11 @@ class MilterServer:
         def factory() -> MilterConnection:
             return MilterConnection(self)
 
+        self._listen = listen
         if listen.kind is ListenKind.UNIX:
             assert listen.path is not None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(listen.path)  # left by a run that was killed
             self._server = await loop.create_unix_server(factory, listen.path, backlog=511)
             # owner and group only: whoever can connect can ask for signatures (Postfix's user
             # needs the group, or the same user)
@@ -445,14 +443,15 @@ class MilterServer:
                     event(logging.INFO, "closing idle milter connection", peer=conn.peer)
                     conn._drop()
 
-    def stop_listening(self) -> None:
+    async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-
-    async def close(self) -> None:
-        self.stop_listening()
         if self._sweeper is not None:
             self._sweeper.cancel()
         for conn in list(self.connections):
             conn._drop()
         await asyncio.sleep(0)  # let the transports run connection_lost
+        listen = self._listen
+        if listen is not None and listen.kind is ListenKind.UNIX and listen.path:
+            with contextlib.suppress(OSError):
+                os.unlink(listen.path)

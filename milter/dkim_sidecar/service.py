@@ -8,9 +8,7 @@ a SIGHUP reload runs in a worker thread, so that reading keys from Redis never h
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import signal
 import socket
 import time
@@ -145,9 +143,6 @@ class Service:
 
         config = self.config
         listen = config.listen
-        if listen.kind is ListenKind.UNIX and listen.path:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(listen.path)
         # a header field comes in one packet (Postfix: up to header_size_limit, 100 KB by
         # default); allow the configured header cap and more, but not without bound
         max_packet = max(config.limits.max_header_bytes, 1 << 20) + 65536
@@ -170,19 +165,18 @@ class Service:
         self.metrics.ready.set_function(lambda: 1.0 if self.controller.readiness()[0] else 0.0)
 
         await self._stop.wait()
-        event(logging.INFO, "stopping: no new connections; finishing messages in progress")
+        event(
+            logging.INFO, "stopping: new connections pass unsigned; finishing messages in progress"
+        )
         self.controller.stop()
         # New connections are let go at connect (unsigned, as if we were down) while the
         # messages in progress finish, within a bound; then the socket closes.
-        self.controller.draining = True
+        server.draining = True
         deadline = time.monotonic() + STOP_GRACE
         while time.monotonic() < deadline and server.in_progress():
             await asyncio.sleep(0.05)
         busy = server.in_progress()
         await server.close()
-        if listen.kind is ListenKind.UNIX and listen.path:
-            with contextlib.suppress(OSError):
-                os.unlink(listen.path)
         event(logging.INFO, "stopped", unfinished_messages=busy)
         return 0
 

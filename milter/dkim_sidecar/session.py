@@ -259,18 +259,23 @@ class Session:
             return self._skip(Reason.AUTHENTICATED)
         return Action.CONTINUE
 
-    def header(self, name: bytes, value: bytes) -> None:
+    def header(self, name: bytes, value: bytes) -> Action:
+        """One header field: CONTINUE, or the failure policy's answer if it cannot be kept."""
         msg = self._msg
         if msg is None or msg.over_limit:
-            return
-        f = make_field(name, header_value_to_crlf(value))
+            return Action.CONTINUE
+        try:
+            f = make_field(name, header_value_to_crlf(value))
+        except Exception as exc:  # noqa: BLE001
+            return self._fail(exc)
         msg.header_bytes += len(f.raw)
         limits = msg.runtime.config.limits
         if len(msg.fields) >= limits.max_headers or msg.header_bytes > limits.max_header_bytes:
             msg.over_limit = True
             msg.fields.clear()  # the cap is there to bound memory: let it go now
-            return
+            return Action.CONTINUE
         msg.fields.append(f)
+        return Action.CONTINUE
 
     def end_of_headers(self, queue_id: str | None) -> Action:
         msg = self._msg
