@@ -731,6 +731,15 @@ def test_ed25519_prefix_must_not_clash_with_rsa_hashes() -> None:
     assert message.startswith('config.yml: keys.redis.ed25519_key_prefix: "DKIM_" makes')
 
 
+def test_the_three_rsa_hashes_must_differ() -> None:
+    """selectors_hash pointed at the private keys would read PEMs where names belong."""
+    message = one_problem({"keys": {"redis": {"selectors_hash": "DKIM_PRIV_KEYS"}}})
+    assert message == (
+        'config.yml: keys.redis.keys_hash: "DKIM_PRIV_KEYS" is already selectors_hash; '
+        "the three must differ"
+    )
+
+
 def test_mailcow_networks_need_redis() -> None:
     assert one_problem({"relay_networks_from_mailcow": "forwarding_hosts"}) == (
         'config.yml: relay_networks_from_mailcow: "forwarding_hosts" needs a keys.redis '

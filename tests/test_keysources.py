@@ -820,3 +820,41 @@ def test_read_password_missing(tmp_path: Path) -> None:
         read_password("REDISPASS", str(missing), {"REDISPASS": SECRET})
     with pytest.raises(PasswordError, match="is not a regular file"):
         read_password(None, str(tmp_path), {})
+
+
+def test_redis_hash_holding_keys_where_names_belong_never_shows_a_key(
+    redis_server: RedisServer, admin: redis.Redis, sources: list[RedisKeySource], keys: Keys
+) -> None:
+    """selectors_hash pointed at the private-key hash by mistake: each "selector" read is a
+    PEM (or, for Ed25519, a base64 seed). Every such entry is skipped, and no problem line
+    (they go to the log and to `dkim-sidecar keys`) carries any line of the key."""
+    pem = Keys.pkcs8(keys.rsa_a)
+    seed = base64.b64encode(
+        keys.ed.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+    )
+    admin.hset("DKIM_PRIV_KEYS", mapping={"example.com": pem, "example.net": seed})
+    result = redis_source(redis_server, sources, selectors_hash="DKIM_PRIV_KEYS").load()
+    assert not result.keys
+    assert len(result.problems) == 2
+    text = "\n".join(result.problems)
+    assert "cannot be a name" in text
+    for line in [*pem.decode().splitlines(), seed.decode()]:
+        assert line not in text
+
+
+def test_redis_forwarding_host_wider_than_a_floor_is_never_a_relay_network(
+    redis_server: RedisServer, admin: redis.Redis, sources: list[RedisKeySource]
+) -> None:
+    """A typo in a forwarding host's prefix length (/0, or host bits with /3) would make every
+    client on the Internet a relay client: such entries are skipped, narrower ones kept."""
+    for host in ("0.0.0.0/0", "203.0.113.5/0", "::/0", "192.0.2.1/7", "2000::/15"):
+        seed_forwarding_host(admin, host, keep_spam=True)
+    seed_forwarding_host(admin, "10.0.0.0/8", keep_spam=True)
+    seed_forwarding_host(admin, "2001::/16", keep_spam=True)
+    result = redis_source(redis_server, sources, networks_from="keep_spam").load()
+    assert [str(n) for n in result.networks] == ["10.0.0.0/8", "2001::/16"]
+    assert sum("not trusted to relay" in p for p in result.problems) == 5

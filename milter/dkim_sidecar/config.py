@@ -1051,6 +1051,13 @@ def _redis(at: _At, value: object) -> RedisSource | None:
     if data is None:
         return None
     source = RedisSource(**data)
+    # e.g. selectors_hash: DKIM_PRIV_KEYS would read keys where names belong
+    seen: dict[str, str] = {}
+    for key in ("selectors_hash", "keys_hash", "pub_keys_hash"):
+        name = getattr(source, key)
+        if name in seen:
+            at.key(key).error(f"{_show(name)} is already {seen[name]}; the three must differ")
+        seen.setdefault(name, key)
     rsa_hashes = {source.selectors_hash, source.keys_hash, source.pub_keys_hash}
     ed_hashes = {source.ed25519_selectors_hash, source.ed25519_keys_hash}
     clash = sorted(h for h in rsa_hashes & ed_hashes if h)

@@ -42,6 +42,18 @@ class Algorithm(enum.Enum):
         return "rsa" if self is Algorithm.RSA_SHA256 else "ed25519"
 
 
+_SHOWABLE_NAME = re.compile(r"[^\t\n\r\f\v=+/]{1,80}\Z")
+
+
+def shown_name(name: str) -> str:
+    """A domain or selector as an error message may show it. Names can come from a hash that
+    was misconfigured to hold keys (a PEM, a base64 seed): a value that cannot be a name
+    (line breaks, tabs, base64's = + /, or long) is described, never shown."""
+    if _SHOWABLE_NAME.match(name) and name.isprintable():
+        return repr(name)
+    return f"a value of {len(name)} characters (not shown: it cannot be a name)"
+
+
 def check_dns_name(name: str, what: str = "domain") -> str:
     """Lowercase and check a domain or selector (RFC 6376 §3.1: dot-separated labels).
 
@@ -53,11 +65,11 @@ def check_dns_name(name: str, what: str = "domain") -> str:
         try:
             labels = [a_label(label) for label in text.split(".")]
         except UnicodeError:
-            raise KeyLoadError(f"{name!r} is not a valid {what} name") from None
+            raise KeyLoadError(f"{shown_name(name)} is not a valid {what} name") from None
         text = ".".join(labels)
     labels = text.split(".")
     if not text or len(text) > 253 or not all(_LABEL.match(label) for label in labels):
-        raise KeyLoadError(f"{name!r} is not a valid {what} name")
+        raise KeyLoadError(f"{shown_name(name)} is not a valid {what} name")
     if what == "domain" and labels[-1].isdigit():
         raise KeyLoadError(f"{name!r} is an address, not a {what} name")  # no numeric TLDs
     return text
@@ -166,12 +178,15 @@ class SigningKey:
     @classmethod
     def load(cls, domain: str, selector: str, data: bytes, source: str = "inline") -> SigningKey:
         """Check names and parse the key; KeyLoadError names domain and selector, never the key."""
-        try:
+        try:  # these errors show a value only if it can be a name: never a key
             d = check_dns_name(domain, "domain")
             s = check_dns_name(selector, "selector")
+        except KeyLoadError as exc:
+            raise KeyLoadError(f"{source}: {exc}") from None
+        try:
             return cls(d, s, _parse_cached(data), source)
         except KeyLoadError as exc:
-            raise KeyLoadError(f"{selector}._domainkey.{domain} ({source}): {exc}") from None
+            raise KeyLoadError(f"{s}._domainkey.{d} ({source}): {exc}") from None
 
     @property
     def bits(self) -> int:

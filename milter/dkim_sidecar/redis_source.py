@@ -45,7 +45,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .keys import Algorithm, KeyLoadError, SigningKey
+from .keys import Algorithm, KeyLoadError, SigningKey, check_dns_name
 from .keystore import Network, SourceResult, SourceUnavailable
 
 __all__ = ["NetworksFrom", "RedisKeySource"]
@@ -58,6 +58,10 @@ FWD_HOSTS_HASH = "WHITELISTED_FWD_HOST"
 KEEP_SPAM_HASH = "KEEP_SPAM"
 
 _B64_SPACE = re.compile(rb"\s+")
+
+
+# The widest forwarding-host network that is taken as a relay network, per IP version.
+_NARROWEST_TRUSTED = {4: 8, 6: 16}
 
 
 def parse_network(text: str) -> tuple[Network, bool]:
@@ -275,7 +279,10 @@ class RedisKeySource:
         rsa_selectors: dict[str, str] = {}
 
         for dom_b, sel_b in sorted(f.selectors.items()):
-            domain, selector = _text(dom_b), _text(sel_b)
+            names = self._names(dom_b, sel_b, problems)
+            if names is None:
+                continue
+            domain, selector = names
             field = f"{selector}.{domain}"
             pem = f.priv.get(sel_b + b"." + dom_b)
             if pem is None:
@@ -308,7 +315,10 @@ class RedisKeySource:
 
         prefix = self._ed25519_prefix
         for dom_b, sel_b in sorted(f.ed_selectors.items()):
-            domain, selector = _text(dom_b), _text(sel_b)
+            names = self._names(dom_b, sel_b, problems)
+            if names is None:
+                continue
+            domain, selector = names
             field = f"{selector}.{domain}"
             data = f.ed_priv.get(sel_b + b"." + dom_b)
             if data is None:
@@ -341,6 +351,17 @@ class RedisKeySource:
         if self._networks_from:
             networks = self._networks(f, where, problems)
         return SourceResult(tuple(keys), tuple(problems), tuple(networks))
+
+    def _names(self, dom_b: bytes, sel_b: bytes, problems: list[str]) -> tuple[str, str] | None:
+        """Domain and selector of a selectors-hash entry, checked before any text shows them:
+        a hash configured by mistake may hold keys where names belong."""
+        try:
+            check_dns_name(_text(dom_b), "domain")
+            check_dns_name(_text(sel_b), "selector")
+        except KeyLoadError as exc:
+            problems.append(f"redis {self.address}: {exc}; skipped")
+            return None
+        return _text(dom_b), _text(sel_b)
 
     def _load_key(
         self, domain: str, selector: str, data: bytes, problems: list[str]
@@ -389,6 +410,13 @@ class RedisKeySource:
                 problems.append(
                     f"{where}: {what} entry {text!r} is not an IP address or network (a host "
                     "name?); skipped"
+                )
+                continue
+            if network.prefixlen < _NARROWEST_TRUSTED[network.version]:
+                # a typo ("/0", "/3") would let any client on the Internet get signatures
+                problems.append(
+                    f"{where}: {what} entry {text!r} is {network}, wider than a /"
+                    f"{_NARROWEST_TRUSTED[network.version]}: not trusted to relay; skipped"
                 )
                 continue
             if widened:
