@@ -858,3 +858,33 @@ def test_redis_forwarding_host_wider_than_a_floor_is_never_a_relay_network(
     result = redis_source(redis_server, sources, networks_from="keep_spam").load()
     assert [str(n) for n in result.networks] == ["10.0.0.0/8", "2001::/16"]
     assert sum("not trusted to relay" in p for p in result.problems) == 5
+
+
+def test_runtime_relay_check_takes_source_networks_as_the_config_takes_its_own() -> None:
+    """Networks from a key source (Mailcow forwarding hosts) are matched exactly like the
+    config's: an IPv4-mapped network matches its IPv4 clients too, and nothing else."""
+    from ipaddress import ip_network
+
+    from dkim_sidecar.config import Config
+    from dkim_sidecar.runtime import Runtime
+
+    found = (ip_network("::ffff:10.0.0.0/104"), ip_network("2001:db8:5::/48"))
+    runtime = Runtime.build(Config(relay_networks=()), KeySet(networks=found))
+    for inside in ("10.0.0.5", "::ffff:10.1.2.3", "2001:db8:5::25"):
+        assert runtime.is_relay(inside), inside
+    for outside in ("11.0.0.1", "::ffff:11.0.0.1", "2001:db8:6::1", "127.0.0.1", "bogus"):
+        assert not runtime.is_relay(outside), outside
+    assert Config(relay_networks=found).is_relay("10.0.0.5")  # the same rule for both
+
+
+def test_a_redis_error_text_holding_the_password_is_withheld_whole() -> None:
+    """Masked in place, a short password in a host name ("***-host") would give itself away:
+    an error text that holds the password is replaced, not masked."""
+    source = RedisKeySource("redis-host", 6379, password="redis", timeout=0.2)
+    try:
+        text = source._describe(redis.ConnectionError("Error connecting to redis-host:6379"))
+    finally:
+        source.close()
+    assert (
+        text == "redis redis-host:6379: ConnectionError (its text withheld: it holds the password)"
+    )

@@ -222,3 +222,25 @@ def test_unix_socket_serves_and_is_cleaned_up(tmp_path: Path, pem: bytes) -> Non
     finally:
         assert s.stop() == 0
     assert not path.exists()
+
+
+def test_per_domain_labels_name_signing_domains_only(tmp_path: Path, pem: bytes) -> None:
+    """metrics.per_domain_labels: a label per signing domain (ours, from the key sources); the
+    From domain of a message we have no key for is the client's to choose, and never becomes
+    a label value."""
+    s = make(tmp_path, pem)
+    s.config["metrics"]["per_domain_labels"] = True
+    s.write_config()
+    s.start()
+    try:
+        assert len(s.send(MESSAGE, RELAY).signatures) == 1
+        stranger = MESSAGE.replace(b"a@example.com", b"a@stranger.example")
+        assert not s.send(stranger, RELAY).signatures
+        assert s.metric("dkim_sidecar_messages_total", outcome="skipped", reason="no_key") == 1
+        assert (
+            s.metric("dkim_sidecar_domain_messages_total", domain="example.com", outcome="signed")
+            == 1
+        )
+        assert "stranger.example" not in s.http("/metrics")[1]
+    finally:
+        assert s.stop() == 0

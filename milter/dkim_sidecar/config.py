@@ -11,7 +11,8 @@ A bad configuration never produces a traceback: `load_config` and `parse_config`
 `ConfigError`, whose str() is those lines joined by newlines.
 
 Secrets never live in the model: the Redis password comes from an environment variable or a file
-at connect time; the model keeps the variable NAME and the file PATH only.
+when the key source is made (at start and at each SIGHUP); the model keeps the variable NAME and
+the file PATH only.
 
 This module does no network or key I/O and checks no paths on disk: key sources report missing
 files themselves when they load.
@@ -26,7 +27,7 @@ import logging
 import os
 import re
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from ipaddress import (
     IPv4Address,
@@ -589,6 +590,46 @@ _RELAXED_RELAXED = Canonicalization(Canon.RELAXED, Canon.RELAXED)
 
 
 @dataclass(frozen=True)
+class RelayTable:
+    """Relay networks as (network, mask) integers per address family, built once per config
+    or snapshot, so that the check at connect and MAIL parses nothing but the client address."""
+
+    v4: tuple[tuple[int, int], ...]
+    v6: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def of(cls, networks: Iterable[IPNetwork]) -> RelayTable:
+        v4: list[tuple[int, int]] = []
+        v6: list[tuple[int, int]] = []
+        for net in networks:
+            if isinstance(net, IPv4Network):
+                v4.append((int(net.network_address), int(net.netmask)))
+                continue
+            v6.append((int(net.network_address), int(net.netmask)))
+            mapped = mapped_ipv4(net)
+            if mapped is not None:  # ::ffff:a.b.c.d/n also matches the IPv4 client a.b.c.d
+                v4.append((int(mapped.network_address), int(mapped.netmask)))
+        return cls(tuple(v4), tuple(v6))
+
+    def contains(self, ip: str) -> bool:
+        """Is this client address in one of the networks? An IPv4-mapped IPv6 address
+        (::ffff:a.b.c.d) is matched as IPv4; anything that is not an address gives False."""
+        # inet_pton is strict (dotted quad, RFC 4291 text) and ~20 times faster than ipaddress
+        try:
+            if ":" in ip:
+                packed = socket.inet_pton(socket.AF_INET6, ip.partition("%")[0])
+                if packed[:12] == _MAPPED_PREFIX:
+                    table, value = self.v4, int.from_bytes(packed[12:])
+                else:
+                    table, value = self.v6, int.from_bytes(packed)
+            else:
+                table, value = self.v4, int.from_bytes(socket.inet_pton(socket.AF_INET, ip))
+        except (OSError, TypeError, ValueError):
+            return False
+        return any(value & mask == net for net, mask in table)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration. `Config()` is the built-in default."""
 
@@ -611,40 +652,14 @@ class Config:
     log_level: LogLevel = LogLevel.INFO
     source: str = "<defaults>"
 
-    # (network, mask) as integers, per address family: precomputed for is_relay.
-    _relay_v4: tuple[tuple[int, int], ...] = field(init=False, repr=False, compare=False)
-    _relay_v6: tuple[tuple[int, int], ...] = field(init=False, repr=False, compare=False)
+    _relay: RelayTable = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        v4: list[tuple[int, int]] = []
-        v6: list[tuple[int, int]] = []
-        for net in self.relay_networks:
-            if isinstance(net, IPv4Network):
-                v4.append((int(net.network_address), int(net.netmask)))
-                continue
-            v6.append((int(net.network_address), int(net.netmask)))
-            mapped = mapped_ipv4(net)
-            if mapped is not None:  # ::ffff:a.b.c.d/n also matches the IPv4 client a.b.c.d
-                v4.append((int(mapped.network_address), int(mapped.netmask)))
-        object.__setattr__(self, "_relay_v4", tuple(v4))
-        object.__setattr__(self, "_relay_v6", tuple(v6))
+        object.__setattr__(self, "_relay", RelayTable.of(self.relay_networks))
 
     def is_relay(self, ip: str) -> bool:
-        """Is this client address in a relay network? An IPv4-mapped IPv6 address
-        (::ffff:a.b.c.d) is matched as IPv4; anything that is not an address gives False."""
-        # inet_pton is strict (dotted quad, RFC 4291 text) and ~20 times faster than ipaddress
-        try:
-            if ":" in ip:
-                packed = socket.inet_pton(socket.AF_INET6, ip.partition("%")[0])
-                if packed[:12] == _MAPPED_PREFIX:
-                    table, value = self._relay_v4, int.from_bytes(packed[12:])
-                else:
-                    table, value = self._relay_v6, int.from_bytes(packed)
-            else:
-                table, value = self._relay_v4, int.from_bytes(socket.inet_pton(socket.AF_INET, ip))
-        except (OSError, TypeError, ValueError):
-            return False
-        return any(value & mask == net for net, mask in table)
+        """Is this client address in a relay network (RelayTable.contains)?"""
+        return self._relay.contains(ip)
 
 
 def restart_required(old: Config, new: Config) -> list[str]:

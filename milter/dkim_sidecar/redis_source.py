@@ -22,10 +22,13 @@ Forwarding hosts (`data/web/inc/functions.fwdhost.inc.php`) can be taken as extr
     KEEP_SPAM             <IP or CIDR> -> "1" when the spam filter is off for that host
 
 Only read commands are sent: AUTH when connecting, then HGETALL and HMGET (plus SELECT when
-`db` is not 0; no CLIENT SETINFO). So a Redis ACL user is enough, beside the default user that
-`requirepass` protects (Mailcow's `data/conf/redis/redis-conf.sh` already adds one such user):
+`db` is not 0; no CLIENT SETINFO). The tests prove it with a Redis ACL user that may do no
+more (the `username` argument), e.g.
 
     user dkim-sidecar on >PASSWORD -@all +hgetall +hmget ~DKIM_* ~WHITELISTED_FWD_HOST ~KEEP_SPAM
+
+The config has no username setting yet: the sidecar authenticates as Mailcow's default user,
+with the password that `requirepass` protects.
 
 Newer Mailcow runs Valkey (`valkey-mailcow`, password `VALKEYPASS`): same protocol, same hashes.
 The password never appears in an error text, a log line or an exception chain.
@@ -264,9 +267,10 @@ class RedisKeySource:
             text = f"{where}: error reply: {detail}"
         else:
             text = f"{where}: {type(exc).__name__}: {detail}"
-        # redis-py's texts do not carry credentials today; make sure it stays that way
-        if self._password:
-            text = text.replace(self._password, "***")
+        # redis-py's texts do not carry credentials today; make sure it stays that way. Not by
+        # masking: a short password masked inside a host name ("***-host") would give it away.
+        if self._password and self._password in text:
+            text = f"{where}: {type(exc).__name__} (its text withheld: it holds the password)"
         return text
 
     # -- building the result ---------------------------------------------------------------

@@ -8,7 +8,6 @@ when building fails, the old snapshot keeps serving and the failure is logged an
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import logging
 import os
 import threading
@@ -49,28 +48,17 @@ class Runtime:
     keys: KeySet
     policy: SigningPolicy
     generation: int = 0
-    # relay networks found by a key source (Mailcow forwarding hosts), checked after the config's
-    _extra: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
-        default=(), repr=False
-    )
+    # the config's relay networks and those a key source found (Mailcow forwarding hosts)
+    _relay: cfg.RelayTable = field(default=cfg.RelayTable((), ()), repr=False)
 
     @classmethod
     def build(cls, config: cfg.Config, keys: KeySet, generation: int = 0) -> Runtime:
-        return cls(config, keys, policy_of(config), generation, keys.networks)
+        relay = cfg.RelayTable.of((*config.relay_networks, *keys.networks))
+        return cls(config, keys, policy_of(config), generation, relay)
 
     def is_relay(self, ip: str) -> bool:
         """Is the client (by the address the MTA reports, never by a header) ours to sign for?"""
-        if self.config.is_relay(ip):
-            return True
-        if not self._extra:
-            return False
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        return any(addr.version == net.version and addr in net for net in self._extra)
+        return self._relay.contains(ip)
 
 
 def make_source(spec: cfg.KeySource, config: cfg.Config, env: Mapping[str, str]) -> KeySource:
@@ -312,9 +300,6 @@ class Controller:
                 backoff = min(backoff * 2, interval)
             self._wake.wait(wait)
             self._wake.clear()
-
-    def wake(self) -> None:
-        self._wake.set()
 
     def stop(self) -> None:
         self._stopped.set()

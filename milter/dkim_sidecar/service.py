@@ -58,7 +58,9 @@ class Reporter:
                 signatures.inc()
             m.sign_seconds.observe(r.sign_seconds)
             m.message_bytes.observe(r.size)
-        if r.domain and self.per_domain():
+        if r.domain and reason is not Reason.NO_KEY and self.per_domain():
+            # a signing domain, one of ours: not a no_key message's author domain, which the
+            # client writes (any number of them would become label values)
             m.domain_messages.labels(r.domain, reason.outcome).inc()
         event(
             logging.WARNING if reason is Reason.ERROR else logging.INFO,
