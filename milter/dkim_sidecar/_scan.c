@@ -1,22 +1,20 @@
 /*
  * dkim_sidecar._scan: the body's hot loops, in C.
  *
- * scan() answers, per chunk, whether there is anything to do at all: a bare LF to turn into
- * CRLF, a tab, a run of spaces or a space before CRLF for relaxed body canonicalization
- * (RFC 6376 section 3.4.4), a line over 998 octets (RFC 5322 section 2.1.1). edge() answers
- * only the first and the last, which is all the session's edge asks. relax() does the
- * whitespace part of relaxed body canonicalization itself, and hands back the very object it
- * was given when nothing changes (the common case for base64 and most prose): no copy.
- * canon.py / session.py keep a pure-Python path that gives the same answers (the tests
- * compare both).
+ * edge() answers, per chunk, the two questions the session's edge asks: is there a bare LF to
+ * turn into CRLF, and a line over 998 octets (RFC 5322 section 2.1.1)? relax() does the
+ * whitespace part of relaxed body canonicalization (RFC 6376 section 3.4.4 a and b), and hands
+ * back the very object it was given when nothing changes (the common case for base64 and most
+ * prose): no copy. canon.py / session.py keep a pure-Python path that gives the same answers
+ * (the tests compare both).
  *
- * On x86-64 all three look at 64-octet blocks, 16 octets per SSE2 instruction: SSE2 is part of
- * the x86-64 baseline, so no -march flag is needed and the image runs on any x86-64 CPU.
- * edge() and relax() also come in an AVX2 version (32 octets per instruction), compiled into
- * functions of their own (target attribute) and chosen at import when the CPU has AVX2.
- * Elsewhere (arm64, ...) a portable path works on 8-octet words (SWAR). DKIM_SCAN_NO_AVX2
- * and DKIM_SCAN_PORTABLE build the other paths on x86-64: the tests compare every one with
- * the pure-Python path.
+ * On x86-64 both look at 64-octet blocks, 16 octets per SSE2 instruction: SSE2 is part of the
+ * x86-64 baseline, so no -march flag is needed and the image runs on any x86-64 CPU. Both also
+ * come in an AVX2 version (32 octets per instruction), compiled into functions of their own
+ * (target attribute) and chosen at import when the CPU has AVX2. Elsewhere (arm64, ...) a
+ * portable path works on 8-octet words (SWAR); edge() takes it on x86-64 too for a line limit
+ * under a block (only the tests ask for one). DKIM_SCAN_NO_AVX2 and DKIM_SCAN_PORTABLE build
+ * the other paths on x86-64: the tests compare every one with the pure-Python path.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -35,11 +33,8 @@
 #endif
 #endif
 
-#define F_BARE_LF 1      /* an LF not preceded by CR */
-#define F_TAB 2          /* an HTAB anywhere */
-#define F_SPACE_RUN 4    /* two SP in a row */
-#define F_SPACE_CRLF 8   /* SP CR LF */
-#define F_LONG_LINE 16   /* a line longer than `limit` octets before its CRLF */
+#define F_BARE_LF 1   /* an LF not preceded by CR */
+#define F_LONG_LINE 2 /* a line longer than `limit` octets before its CRLF */
 
 #define BLOCK 64
 
@@ -47,42 +42,71 @@
 static int use_avx2; /* set at import: the CPU has AVX2 (and the OS saves its registers) */
 #endif
 
-#ifdef SCAN_SSE2
-
+/* 0x80 in each octet of x that equals c, 0 elsewhere (exact: no false positives). */
 static inline uint64_t
-mask64(__m128i a, __m128i b, __m128i c, __m128i d, unsigned char ch)
+eq_mask(uint64_t x, unsigned char c)
 {
-    const __m128i v = _mm_set1_epi8((char)ch);
-    const uint64_t m0 = (uint16_t)_mm_movemask_epi8(_mm_cmpeq_epi8(a, v));
-    const uint64_t m1 = (uint16_t)_mm_movemask_epi8(_mm_cmpeq_epi8(b, v));
-    const uint64_t m2 = (uint16_t)_mm_movemask_epi8(_mm_cmpeq_epi8(c, v));
-    const uint64_t m3 = (uint16_t)_mm_movemask_epi8(_mm_cmpeq_epi8(d, v));
-    return m0 | (m1 << 16) | (m2 << 32) | (m3 << 48);
+    const uint64_t low7 = 0x7F7F7F7F7F7F7F7FULL;
+    const uint64_t t = x ^ (0x0101010101010101ULL * c);
+    return ~(((t & low7) + low7) | t | low7);
 }
 
-/* Masks of the 64 octets at p: bit k set when p[k] is SP (sp), LF (lf), CR (cr); tab is
-   non-zero when any octet is HTAB (which one does not matter). A NULL output is not computed;
-   the callers pass constants, so each inlined copy computes only what it asks for. */
-static inline void
-block_masks(const unsigned char *p, uint64_t *sp, uint64_t *lf, uint64_t *cr, uint64_t *tab)
+/* Octet k of the word at p in bits 8k..8k+7, whatever the byte order. */
+static inline uint64_t
+load_word(const unsigned char *p)
 {
-    const __m128i a = _mm_loadu_si128((const __m128i *)p);
-    const __m128i b = _mm_loadu_si128((const __m128i *)(p + 16));
-    const __m128i c = _mm_loadu_si128((const __m128i *)(p + 32));
-    const __m128i d = _mm_loadu_si128((const __m128i *)(p + 48));
-    if (sp)
-        *sp = mask64(a, b, c, d, ' ');
-    if (lf)
-        *lf = mask64(a, b, c, d, '\n');
-    if (cr)
-        *cr = mask64(a, b, c, d, '\r');
-    if (tab) {
-        const __m128i t = _mm_set1_epi8('\t');
-        const __m128i any = _mm_or_si128(
-            _mm_or_si128(_mm_cmpeq_epi8(a, t), _mm_cmpeq_epi8(b, t)),
-            _mm_or_si128(_mm_cmpeq_epi8(c, t), _mm_cmpeq_epi8(d, t)));
-        *tab = (uint64_t)_mm_movemask_epi8(any);
+    uint64_t x;
+    memcpy(&x, p, 8);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    x = __builtin_bswap64(x);
+#endif
+    return x;
+}
+
+/* The LF at index `at` (prev: the octet before p[0]): is it bare, how long was its line. */
+static inline void
+line_end(const unsigned char *p, Py_ssize_t at, unsigned char prev, Py_ssize_t *start,
+         Py_ssize_t max_before_lf, int *flags)
+{
+    if ((at >= 1 ? p[at - 1] : prev) != '\r')
+        *flags |= F_BARE_LF;
+    if (at - *start > max_before_lf)
+        *flags |= F_LONG_LINE;
+    *start = at + 1;
+}
+
+/* The edge's two questions, eight octets at a time: most words of a body hold no LF and cost
+   a few instructions; each LF found is looked at on its own. *start_io: where the current
+   line started, relative to p (-line_len on entry), updated at each LF. */
+static int
+edge_words(const unsigned char *p, Py_ssize_t n, unsigned char prev, Py_ssize_t *start_io,
+           Py_ssize_t max_before_lf)
+{
+    Py_ssize_t start = *start_io, i = 0;
+    int flags = 0;
+    for (; i + 8 <= n; i += 8)
+        for (uint64_t m = eq_mask(load_word(p + i), '\n'); m; m &= m - 1)
+            line_end(p, i + (__builtin_ctzll(m) >> 3), prev, &start, max_before_lf, &flags);
+    for (; i < n; i++)
+        if (p[i] == '\n')
+            line_end(p, i, prev, &start, max_before_lf, &flags);
+    *start_io = start;
+    return flags;
+}
+
+#ifdef SCAN_SSE2
+
+/* Bit k set when the octet k of the 64 at p is LF. */
+static inline uint64_t
+lf_mask(const unsigned char *p)
+{
+    const __m128i lf = _mm_set1_epi8('\n');
+    uint64_t m = 0;
+    for (int k = 0; k < BLOCK; k += 16) {
+        const __m128i v = _mm_loadu_si128((const __m128i *)(p + k));
+        m |= (uint64_t)(uint16_t)_mm_movemask_epi8(_mm_cmpeq_epi8(v, lf)) << k;
     }
+    return m;
 }
 
 /* Whether the 64 octets at q may need relaxed canonicalization: an HTAB, an SP after SP, a CR
@@ -173,27 +197,6 @@ edge_block_avx2(const unsigned char *q, int *bare)
 
 #define RELAX_CANDIDATES(avx2, q) relax_candidates(q)
 
-/* 0x80 in each octet of x that equals c, 0 elsewhere (exact: no false positives). */
-static inline uint64_t
-eq_mask(uint64_t x, unsigned char c)
-{
-    const uint64_t low7 = 0x7F7F7F7F7F7F7F7FULL;
-    const uint64_t t = x ^ (0x0101010101010101ULL * c);
-    return ~(((t & low7) + low7) | t | low7);
-}
-
-/* Octet k of the word at p in bits 8k..8k+7, whatever the byte order. */
-static inline uint64_t
-load_word(const unsigned char *p)
-{
-    uint64_t x;
-    memcpy(&x, p, 8);
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-    x = __builtin_bswap64(x);
-#endif
-    return x;
-}
-
 /* As the SSE2 version, a word at a time (q[-1] readable). The 0x80 bit of octet k moves to
    octet k + 1 with << 8; the last octet's goes on to the next word. */
 static inline int
@@ -208,22 +211,6 @@ relax_candidates(const unsigned char *q)
         before = sp >> 56;
     }
     return any != 0;
-}
-
-/* The LF at index `at`: what ends there, and how long that line was. */
-static inline void
-line_end(const unsigned char *p, Py_ssize_t at, unsigned char before, Py_ssize_t *start,
-         Py_ssize_t max_before_lf, int *flags)
-{
-    const unsigned char c1 = at >= 1 ? p[at - 1] : before;
-    const unsigned char c2 = at >= 2 ? p[at - 2] : (at == 1 ? before : 0);
-    if (c1 != '\r')
-        *flags |= F_BARE_LF;
-    else if (c2 == ' ')
-        *flags |= F_SPACE_CRLF;
-    if (at - *start > max_before_lf)
-        *flags |= F_LONG_LINE;
-    *start = at + 1;
 }
 
 #endif
@@ -243,118 +230,13 @@ block_with_before(const unsigned char *p, Py_ssize_t i, Py_ssize_t n, unsigned c
     return pad + 1;
 }
 
-/* All the flags of data (see scan below); *start: where the current line started, relative
-   to data (-line_len on entry), updated at each LF. */
-static int
-scan_core(const unsigned char *p, Py_ssize_t n, unsigned char prev, Py_ssize_t *start_io,
-          Py_ssize_t max_before_lf)
-{
-    Py_ssize_t start = *start_io;
-    int flags = 0;
-#ifdef SCAN_SSE2
-    /* what the octets before the block were: SP (1 back), CR (1 back), SP (2 back); two
-       back from the chunk's start is unknown, taken as not SP (the test reference agrees) */
-    uint64_t sp_1 = (unsigned char)prev == ' ', cr_1 = (unsigned char)prev == '\r', sp_2 = 0;
-    uint64_t runs = 0, bare = 0, sp_crlf = 0, tabs = 0;
-    unsigned char pad[BLOCK + 1];
-    for (Py_ssize_t i = 0; i < n; i += BLOCK) {
-        uint64_t sp, lf, cr, tab;
-        block_masks(block_with_before(p, i, n, 0, pad), &sp, &lf, &cr, &tab);
-        tabs |= tab;
-        runs |= sp & ((sp << 1) | sp_1);
-        if (lf) {
-            const uint64_t cr_before = (cr << 1) | cr_1;
-            bare |= lf & ~cr_before;
-            sp_crlf |= lf & cr_before & ((sp << 2) | (sp_1 << 1) | sp_2);
-            /* a block holds about one LF (prose lines are ~75 octets): each is looked at */
-            for (uint64_t m = lf; m; m &= m - 1) {
-                const Py_ssize_t at = i + __builtin_ctzll(m);
-                if (at - start > max_before_lf)
-                    flags |= F_LONG_LINE;
-                start = at + 1;
-            }
-        }
-        sp_2 = (sp >> 62) & 1;
-        sp_1 = sp >> 63;
-        cr_1 = cr >> 63;
-    }
-    flags |= (bare ? F_BARE_LF : 0) | (tabs ? F_TAB : 0) | (runs ? F_SPACE_RUN : 0) |
-             (sp_crlf ? F_SPACE_CRLF : 0);
-#else
-    /* Eight octets at a time: a mask with 0x80 in each octet equal to SP, HTAB or LF; most
-       words of a body have no HTAB, no two SP in a row and no LF, and cost a few
-       instructions. Each LF found is looked at on its own. */
-    const unsigned char b1 = (unsigned char)prev;
-    Py_ssize_t i = 0;
-    int prev_sp = (b1 == ' '); /* did the octet before this word hold SP? */
-    for (; i + 8 <= n; i += 8) {
-        const uint64_t x = load_word(p + i);
-        const uint64_t sp = eq_mask(x, ' ');
-        const uint64_t lf = eq_mask(x, '\n');
-        if (eq_mask(x, '\t'))
-            flags |= F_TAB;
-        if ((sp & (sp >> 8)) || (prev_sp && (sp & 0x80)))
-            flags |= F_SPACE_RUN;
-        prev_sp = (sp >> 63) != 0;
-        for (uint64_t m = lf; m; m &= m - 1)
-            line_end(p, i + (__builtin_ctzll(m) >> 3), b1, &start, max_before_lf, &flags);
-    }
-    for (; i < n; i++) {
-        const unsigned char c = p[i];
-        if (c == '\t')
-            flags |= F_TAB;
-        else if (c == ' ') {
-            if (prev_sp)
-                flags |= F_SPACE_RUN;
-        } else if (c == '\n')
-            line_end(p, i, b1, &start, max_before_lf, &flags);
-        prev_sp = (c == ' ');
-    }
-#endif
-    *start_io = start;
-    return flags;
-}
-
-#define ARGS_FORMAT "y*inn"
-
-/*
- * scan(data, prev, line_len, limit) -> (flags, line_len)
- *   prev: the octet before data (0 at the start), so a CR ending one chunk pairs with the LF
- *         starting the next, and an SP with the SP after it;
- *   line_len: octets of the current line seen before data;
- *   limit: the longest line allowed, CRLF excluded (998).
- * Returns the flags found and the length of the line still open at the end of data.
- */
-static PyObject *
-scan(PyObject *self, PyObject *args)
-{
-    Py_buffer view;
-    int prev, flags;
-    Py_ssize_t line_len, limit;
-    if (!PyArg_ParseTuple(args, ARGS_FORMAT, &view, &prev, &line_len, &limit))
-        return NULL;
-    /* a line's octets before its LF, CR included: the limit plus one for that CR */
-    const Py_ssize_t max_before_lf = limit + 1;
-    Py_ssize_t start = -line_len; /* index where the current line started */
-    Py_BEGIN_ALLOW_THREADS
-    flags = scan_core(view.buf, view.len, (unsigned char)prev, &start, max_before_lf);
-    Py_END_ALLOW_THREADS
-    const Py_ssize_t open_len = view.len - start;
-    if (open_len > max_before_lf)
-        flags |= F_LONG_LINE;
-    PyBuffer_Release(&view);
-    return Py_BuildValue("in", flags, open_len);
-}
-
 #ifdef SCAN_SSE2
 /* Index of the last LF in the block at p + i (which has one). */
 static inline Py_ssize_t
 last_lf_in(const unsigned char *p, Py_ssize_t i, Py_ssize_t n)
 {
     unsigned char pad[BLOCK + 1];
-    uint64_t lf;
-    block_masks(block_with_before(p, i, n, 0, pad), NULL, &lf, NULL, NULL);
-    return i + 63 - __builtin_clzll(lf);
+    return i + 63 - __builtin_clzll(lf_mask(block_with_before(p, i, n, 0, pad)));
 }
 
 /* The edge's two questions only. Most blocks hold an LF (text lines are short), and no line
@@ -376,11 +258,9 @@ edge_core(const unsigned char *p, Py_ssize_t n, unsigned char prev, Py_ssize_t *
         /* the line ending at this block's first LF started after `last`'s LF */
         const Py_ssize_t earliest = last < 0 ? start : last + 1;
         if (i + BLOCK - 1 - earliest > max_before_lf) {
-            uint64_t lf;
-            block_masks(q, NULL, &lf, NULL, NULL);
             if (last >= 0)
                 start = last_lf_in(p, last, n) + 1;
-            if (i + __builtin_ctzll(lf) - start > max_before_lf)
+            if (i + __builtin_ctzll(lf_mask(q)) - start > max_before_lf)
                 flags |= F_LONG_LINE;
         }
         last = i;
@@ -411,11 +291,15 @@ edge_avx2(const unsigned char *p, Py_ssize_t n, unsigned char prev, Py_ssize_t *
 #endif
 #endif
 
-
 /*
  * edge(data, prev, line_len, limit) -> (flags, line_len)
- *   scan()'s answer for BARE_LF and LONG_LINE only (the other flags are 0): what the edge
- *   asks of every chunk, at about half the cost on x86-64.
+ *   prev: the octet before data (0 at the start), so a CR ending one chunk pairs with the LF
+ *         starting the next;
+ *   line_len: octets of the current line seen before data;
+ *   limit: the longest line allowed, CRLF excluded (998).
+ * Returns BARE_LF and LONG_LINE as found, and the length of the line still open at the end
+ * of data. A line is measured as if its LF followed a CR: a bare LF's line can be one octet
+ * over once the LF becomes CRLF, which the caller asks again about the fixed chunk.
  */
 static PyObject *
 edge(PyObject *self, PyObject *args)
@@ -423,10 +307,11 @@ edge(PyObject *self, PyObject *args)
     Py_buffer view;
     int prev, flags;
     Py_ssize_t line_len, limit;
-    if (!PyArg_ParseTuple(args, ARGS_FORMAT, &view, &prev, &line_len, &limit))
+    if (!PyArg_ParseTuple(args, "y*inn", &view, &prev, &line_len, &limit))
         return NULL;
+    /* a line's octets before its LF, CR included: the limit plus one for that CR */
     const Py_ssize_t max_before_lf = limit + 1;
-    Py_ssize_t start = -line_len;
+    Py_ssize_t start = -line_len; /* index where the current line started */
     Py_BEGIN_ALLOW_THREADS
 #ifdef SCAN_SSE2
     if (max_before_lf >= BLOCK) {
@@ -438,8 +323,7 @@ edge(PyObject *self, PyObject *args)
             flags = edge_sse2(view.buf, view.len, (unsigned char)prev, &start, max_before_lf);
     } else
 #endif
-        flags = scan_core(view.buf, view.len, (unsigned char)prev, &start, max_before_lf) &
-                (F_BARE_LF | F_LONG_LINE);
+        flags = edge_words(view.buf, view.len, (unsigned char)prev, &start, max_before_lf);
     Py_END_ALLOW_THREADS
     const Py_ssize_t open_len = view.len - start;
     if (open_len > max_before_lf)
@@ -593,10 +477,8 @@ relax(PyObject *self, PyObject *obj)
 }
 
 static PyMethodDef methods[] = {
-    {"scan", scan, METH_VARARGS,
-     "scan(data, prev, line_len, limit) -> (flags, line_len): one pass over a body chunk."},
     {"edge", edge, METH_VARARGS,
-     "edge(data, prev, line_len, limit) -> (flags, line_len): scan() for BARE_LF, LONG_LINE."},
+     "edge(data, prev, line_len, limit) -> (flags, line_len): BARE_LF, LONG_LINE in a chunk."},
     {"relax", relax, METH_O,
      "relax(data) -> data or bytes: RFC 6376 3.4.4 a and b over octets that start a line."},
     {NULL, NULL, 0, NULL},
@@ -623,9 +505,6 @@ PyInit__scan(void)
     if (m == NULL)
         return NULL;
     if (PyModule_AddIntConstant(m, "BARE_LF", F_BARE_LF) < 0 ||
-        PyModule_AddIntConstant(m, "TAB", F_TAB) < 0 ||
-        PyModule_AddIntConstant(m, "SPACE_RUN", F_SPACE_RUN) < 0 ||
-        PyModule_AddIntConstant(m, "SPACE_CRLF", F_SPACE_CRLF) < 0 ||
         PyModule_AddIntConstant(m, "LONG_LINE", F_LONG_LINE) < 0 ||
         PyModule_AddStringConstant(m, "SIMD", simd) < 0) {
         Py_DECREF(m);

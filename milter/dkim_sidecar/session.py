@@ -153,33 +153,38 @@ class BodyEdge:
     finding that out must be cheap: with the C helper it is one pass over each chunk, where
     the pure-Python fallback (CrlfFixer and LongLineScanner) takes several."""
 
-    __slots__ = ("_fallback", "_line", "_prev", "long_line")
+    __slots__ = ("_c", "_fallback", "_line", "_prev", "long_line")
 
     def __init__(self) -> None:
         self._prev = 0  # the last octet of the previous chunk
         self._line = 0  # octets of the line still open
         self.long_line = False
         helper = canon.scan_helper
+        # the C helper's edge() and its two flags, looked up once; else the pure-Python pair
+        self._c: tuple[Callable[[bytes, int, int, int], tuple[int, int]], int, int] | None = (
+            None if helper is None else (helper.edge, helper.BARE_LF, helper.LONG_LINE)
+        )
         self._fallback = None if helper is not None else (CrlfFixer(), LongLineScanner())
 
     def __call__(self, chunk: bytes) -> bytes:
         if not chunk:
             return chunk
-        if self._fallback is not None:
+        if self._c is None:
+            assert self._fallback is not None
             fixer, scanner = self._fallback
             chunk = fixer(chunk)
             scanner.update(chunk)
             self.long_line = scanner.found
             return chunk
-        helper = canon.scan_helper
-        assert helper is not None
+        edge, bare_lf, long_line = self._c
         prev, line = self._prev, self._line
-        flags, self._line = helper.edge(chunk, prev, line, _LONG_LINE)
-        if flags & helper.BARE_LF:
+        flags, self._line = edge(chunk, prev, line, _LONG_LINE)
+        if flags & bare_lf:
             chunk = _fix_bare_lf(chunk, prev == 13)
-            flags, self._line = helper.edge(chunk, prev, line, _LONG_LINE)
+            # again over the fixed chunk: each CR added lengthens its line by one octet
+            flags, self._line = edge(chunk, prev, line, _LONG_LINE)
         self._prev = chunk[-1]
-        if flags & helper.LONG_LINE:
+        if flags & long_line:
             self.long_line = True
         return chunk
 
