@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import stat
 import threading
 import time
@@ -11,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from dkim_sidecar.keys import Algorithm, generate_key
-from harness.sidecar import Sidecar, wait_for, write_keys
+from dkim_sidecar import __version__
+from dkim_sidecar.keys import Algorithm, SigningKey, generate_key
+from harness.dkimcheck import verify_all
+from harness.sidecar import Sidecar, dns_table, wait_for, write_keys
 
 RELAY = "192.0.2.10"
 OTHER = "198.51.100.20"
@@ -41,11 +44,12 @@ def test_metrics_move_with_messages_and_health_endpoints_answer(tmp_path: Path, 
         assert "body_scan=python" not in s.log() and "body_scan=" in s.log()
         assert s.http("/readyz")[0] == 200
         assert s.http("/nope")[0] == 404
-        assert s.metric("dkim_sidecar_build_info", version="0.1.0") == 1
+        assert s.metric("dkim_sidecar_build_info", version=__version__) == 1
         assert s.metric("dkim_sidecar_keys_loaded", source="directory") == 1
         assert s.metric("dkim_sidecar_key_refresh_last_success_timestamp_seconds") > 0
+        dns = dns_table([SigningKey.load("example.com", "s1", pem)])
         for _ in range(3):
-            assert len(s.send(MESSAGE, RELAY).signatures) == 1
+            assert verify_all(s.send(MESSAGE, RELAY).message, dns) == [True]
         s.send(MESSAGE, OTHER)
         assert s.metric("dkim_sidecar_messages_total", outcome="signed", reason="signed") == 3
         assert s.metric("dkim_sidecar_messages_total", outcome="skipped", reason="not_relay") == 1
@@ -211,17 +215,31 @@ def test_unix_socket_serves_and_is_cleaned_up(tmp_path: Path, pem: bytes) -> Non
     for its owner and group only (whoever can connect can ask for signatures), and it is gone
     after a clean stop."""
     path = tmp_path / "milter.sock"
-    path.write_bytes(b"")  # what a killed run leaves behind
+    with socket.socket(socket.AF_UNIX) as stale:
+        stale.bind(str(path))  # what a killed run leaves behind: a socket nobody listens on
     s = make(tmp_path, pem, listen=f"unix:{path}").start()
     try:
         assert stat.S_ISSOCK(path.stat().st_mode)
         assert stat.S_IMODE(path.stat().st_mode) == 0o660
         r = s.send(MESSAGE, RELAY)
-        assert len(r.signatures) == 1
+        dns = dns_table([SigningKey.load("example.com", "s1", pem)])
+        assert verify_all(r.message, dns) == [True]
         assert not s.send(MESSAGE, OTHER).signatures
     finally:
         assert s.stop() == 0
     assert not path.exists()
+
+
+def test_unix_listen_path_that_is_a_file_is_left_alone(tmp_path: Path, pem: bytes) -> None:
+    """A typo in `listen` (a path to some file) must not delete that file: the sidecar says
+    it cannot listen and stops."""
+    path = tmp_path / "main.cf"
+    path.write_text("myhostname = mx.example.com\n")
+    s = make(tmp_path, pem, listen=f"unix:{path}")
+    with pytest.raises(RuntimeError, match="exited with 1"):
+        s.start()
+    assert "cannot listen" in s.log()
+    assert path.read_text() == "myhostname = mx.example.com\n"
 
 
 def test_per_domain_labels_name_signing_domains_only(tmp_path: Path, pem: bytes) -> None:

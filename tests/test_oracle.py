@@ -284,6 +284,17 @@ def test_second_connect_on_the_same_milter_connection(sidecar: Sidecar, dns, fir
         assert not r.signatures and r.stage == "data"
 
 
+def test_a_decision_held_for_one_client_does_not_answer_the_next_connect(sidecar, dns):
+    """MAIL has no reply, so an outside client's not_relay decision waits for the next
+    answer; a second connect on the connection starts over and must not get it."""
+    with sidecar.client() as c:
+        assert c.connect(OUTSIDE) == "accept"
+        assert c.mail(b"a@example.com") == "continue"  # no reply: the decision is held
+        assert c.connect(RELAY) == "continue"
+        r = c.send_message(msg())
+    assert verify(r.message, dns) == [True]
+
+
 # --- reloads that take a network away ----------------------------------------------------------
 
 

@@ -93,3 +93,32 @@ def test_packets_decode_with_an_independent_codec() -> None:
     assert fields == {"index": 0, "name": "DKIM-Signature", "value": " v=1;\n\tb=x"}
     assert codec.decode_msg(p.REPLY_ACCEPT)[0][0] == constants.SMFIR_ACCEPT
     assert codec.decode_msg(p.REPLY_TEMPFAIL)[0][0] == constants.SMFIR_TEMPFAIL
+
+
+def test_constants_agree_with_an_independent_table() -> None:
+    """Our values against miltertest's (from libmilter's mfdef.h/mfapi.h): both sides of our
+    tests share protocol.py, so a swapped flag would otherwise only show through Postfix."""
+    from miltertest import constants as c
+
+    flags = {name: value for name, value in vars(p).items() if name.startswith("P_")}
+    assert len(flags) == 21
+    for name, value in flags.items():
+        assert getattr(c, "SMFIP_" + name[2:]) == value, name
+    assert (c.SMFIF_ADDHDRS, c.SMFIF_SETSYMLIST) == (p.F_ADDHDRS, p.F_SETSYMLIST)
+    stages = ("CONNECT", "HELO", "ENVFROM", "ENVRCPT", "DATA", "EOM", "EOH")
+    for stage in stages:
+        assert getattr(c, "SMFIM_" + stage) == getattr(p, "M_" + stage), stage
+    for stage, code in p.STAGE_CODES.items():  # the command whose macros a stage holds
+        command = {"CONNECT": "CONNECT", "HELO": "HELO", "ENVFROM": "MAIL", "ENVRCPT": "RCPT",
+                   "DATA": "DATA", "EOM": "BODYEOB", "EOH": "EOH"}[stages[stage]]  # fmt: skip
+        assert getattr(c, "SMFIC_" + command) == code, stage
+    commands = {"ABORT": "ABORT", "BODY": "BODY", "CONNECT": "CONNECT", "MACRO": "MACRO",
+                "EOM": "BODYEOB", "HELO": "HELO", "QUIT_NC": "QUIT_NC", "HEADER": "HEADER",
+                "MAIL": "MAIL", "EOH": "EOH", "OPTNEG": "OPTNEG", "QUIT": "QUIT",
+                "RCPT": "RCPT", "DATA": "DATA"}  # fmt: skip
+    for ours, theirs in commands.items():
+        assert ord(getattr(c, "SMFIC_" + theirs)) == getattr(p, "C_" + ours), ours
+    replies = {"ACCEPT": p.R_ACCEPT, "CONTINUE": p.R_CONTINUE, "TEMPFAIL": p.R_TEMPFAIL,
+               "INSHEADER": p.R_INSHEADER}  # fmt: skip
+    for name, value in replies.items():
+        assert getattr(c, "SMFIR_" + name).encode() == value, name

@@ -32,6 +32,7 @@ import contextlib
 import logging
 import os
 import socket
+import stat
 from collections.abc import Callable
 from typing import cast
 
@@ -380,6 +381,14 @@ _HANDLERS: dict[int, Callable[[MilterConnection, bytes], None]] = {
 }
 
 
+def _remove_socket(path: str) -> None:
+    """Remove a unix socket file, and only that: a typo in `listen` (unix:/etc/postfix/main.cf)
+    must not delete a file; binding over it then fails with "cannot listen"."""
+    with contextlib.suppress(OSError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+
+
 class MilterServer:
     """The listening socket and the connections on it."""
 
@@ -419,8 +428,7 @@ class MilterServer:
         self._listen = listen
         if listen.kind is ListenKind.UNIX:
             assert listen.path is not None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(listen.path)  # left by a run that was killed
+            _remove_socket(listen.path)  # left by a run that was killed
             self._server = await loop.create_unix_server(factory, listen.path, backlog=511)
             # owner and group only: whoever can connect can ask for signatures (Postfix's user
             # needs the group, or the same user)
@@ -453,5 +461,4 @@ class MilterServer:
         await asyncio.sleep(0)  # let the transports run connection_lost
         listen = self._listen
         if listen is not None and listen.kind is ListenKind.UNIX and listen.path:
-            with contextlib.suppress(OSError):
-                os.unlink(listen.path)
+            _remove_socket(listen.path)
