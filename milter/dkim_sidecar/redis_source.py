@@ -41,7 +41,7 @@ import binascii
 import ipaddress
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, Literal, get_args
 
 import redis
@@ -282,21 +282,11 @@ class RedisKeySource:
         seen: set[tuple[str, str]] = set()
         rsa_selectors: dict[str, str] = {}
 
-        for dom_b, sel_b in sorted(f.selectors.items()):
-            names = self._names(dom_b, sel_b, problems)
-            if names is None:
-                continue
-            domain, selector = names
-            field = f"{selector}.{domain}"
-            pem = f.priv.get(sel_b + b"." + dom_b)
-            if pem is None:
-                problems.append(
-                    f"{where}: {self._selectors_hash} names selector {selector} for {domain}, "
-                    f"but {self._keys_hash} has no {field}; domain skipped"
-                )
-                continue
-            key = self._load_key(domain, selector, pem, problems)
-            if key is None or self._duplicate(key, seen, problems):
+        rsa_hashes = (self._selectors_hash, self._keys_hash)
+        for dom_b, domain, field, key in self._loaded(
+            f.selectors, f.priv, rsa_hashes, "domain skipped", problems
+        ):
+            if self._duplicate(key, seen, problems):
                 continue
             keys.append(key)
             rsa_selectors[key.domain] = key.selector
@@ -318,22 +308,10 @@ class RedisKeySource:
                 )
 
         prefix = self._ed25519_prefix
-        for dom_b, sel_b in sorted(f.ed_selectors.items()):
-            names = self._names(dom_b, sel_b, problems)
-            if names is None:
-                continue
-            domain, selector = names
-            field = f"{selector}.{domain}"
-            data = f.ed_priv.get(sel_b + b"." + dom_b)
-            if data is None:
-                problems.append(
-                    f"{where}: {prefix}SELECTORS names selector {selector} for {domain}, but "
-                    f"{prefix}PRIV_KEYS has no {field}; Ed25519 key skipped"
-                )
-                continue
-            key = self._load_key(domain, selector, data, problems)
-            if key is None:
-                continue
+        ed_hashes = (f"{prefix}SELECTORS", f"{prefix}PRIV_KEYS")
+        for _, domain, field, key in self._loaded(
+            f.ed_selectors, f.ed_priv, ed_hashes, "Ed25519 key skipped", problems
+        ):
             if key.algorithm is not Algorithm.ED25519_SHA256:
                 problems.append(
                     f"{where}: {prefix}PRIV_KEYS {field} holds an {key.algorithm.key_type} key, "
@@ -343,7 +321,7 @@ class RedisKeySource:
             if rsa_selectors.get(key.domain) == key.selector:
                 # one selector is one DNS record: both keys cannot be published there
                 problems.append(
-                    f"{where}: {domain} uses selector {selector} for both its RSA and its "
+                    f"{where}: {domain} uses selector {key.selector} for both its RSA and its "
                     "Ed25519 key; Ed25519 key skipped (give it a selector of its own)"
                 )
                 continue
@@ -356,16 +334,38 @@ class RedisKeySource:
             networks = self._networks(f, where, problems)
         return SourceResult(tuple(keys), tuple(problems), tuple(networks))
 
-    def _names(self, dom_b: bytes, sel_b: bytes, problems: list[str]) -> tuple[str, str] | None:
-        """Domain and selector of a selectors-hash entry, checked before any text shows them:
-        a hash configured by mistake may hold keys where names belong."""
-        try:
-            check_dns_name(_text(dom_b), "domain")
-            check_dns_name(_text(sel_b), "selector")
-        except KeyLoadError as exc:
-            problems.append(f"redis {self.address}: {exc}; skipped")
-            return None
-        return _text(dom_b), _text(sel_b)
+    def _loaded(
+        self,
+        selectors: dict[bytes, bytes],
+        private: dict[bytes, bytes | None],
+        hashes: tuple[str, str],
+        skipped: str,
+        problems: list[str],
+    ) -> Iterator[tuple[bytes, str, str, SigningKey]]:
+        """(domain as stored, domain, "<selector>.<domain>", key) for each entry of a selectors
+        hash whose key is in its private-key hash and loads; the others are reported. Names
+        are checked before any text shows them: a hash configured by mistake may hold keys
+        where names belong."""
+        where = f"redis {self.address}"
+        for dom_b, sel_b in sorted(selectors.items()):
+            domain, selector = _text(dom_b), _text(sel_b)
+            try:
+                check_dns_name(domain, "domain")
+                check_dns_name(selector, "selector")
+            except KeyLoadError as exc:
+                problems.append(f"{where}: {exc}; skipped")
+                continue
+            field = f"{selector}.{domain}"
+            data = private.get(sel_b + b"." + dom_b)
+            if data is None:
+                problems.append(
+                    f"{where}: {hashes[0]} names selector {selector} for {domain}, but "
+                    f"{hashes[1]} has no {field}; {skipped}"
+                )
+                continue
+            key = self._load_key(domain, selector, data, problems)
+            if key is not None:
+                yield dom_b, domain, field, key
 
     def _load_key(
         self, domain: str, selector: str, data: bytes, problems: list[str]
