@@ -3,7 +3,6 @@ hand from libmilter's mfdef.h layout, and against the independent PyPI package m
 
 from __future__ import annotations
 
-import ipaddress
 import struct
 
 import pytest
@@ -22,7 +21,7 @@ def connect_data(family: bytes, address: bytes, host: bytes = b"client.example")
         (b"6", b"2001:db8::25", "2001:db8::25"),
         (b"6", b"IPv6:2001:db8::25", "2001:db8::25"),  # Sendmail's spelling
         (b"6", b"2001:0DB8:0:0::25", "2001:db8::25"),  # one spelling for the relay check
-        (b"6", b"::ffff:192.0.2.10", str(ipaddress.ip_address("::ffff:192.0.2.10"))),
+        (b"6", b"::ffff:192.0.2.10", "::ffff:192.0.2.10"),  # matched as IPv4 by the relay check
         (b"4", b"::ffff:192.0.2.10", None),  # not the family announced
         (b"6", b"192.0.2.10", None),
         (b"4", b"192.0.2.10.evil.example", None),
