@@ -772,6 +772,16 @@ def test_password_keys_are_names_not_secrets() -> None:
     assert "hunter2" not in found[0]
 
 
+def test_redis_username() -> None:
+    config = parse_config({"keys": {"redis": {"username": "dkim-sidecar"}}}, "config.yml", {})
+    assert config.keys.redis is not None and config.keys.redis.username == "dkim-sidecar"
+    assert RedisSource().username is None  # Mailcow's default user
+    for bad in ("", "two words", "tab\tuser", 7):
+        found = problems({"keys": {"redis": {"username": bad}}})
+        assert len(found) == 1 and found[0].startswith("config.yml: keys.redis.username: ")
+        assert "Redis ACL user name" in found[0]
+
+
 def test_password_file_wins(tmp_path: Path) -> None:
     secret_file = tmp_path / "redis-password"
     secret_file.write_text("from-file\n", encoding="utf-8")

@@ -21,8 +21,9 @@ import redis
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from dkim_sidecar import runtime
 from dkim_sidecar.canon import Canonicalization
-from dkim_sidecar.config import PasswordError, read_password
+from dkim_sidecar.config import PasswordError, parse_config, read_password
 from dkim_sidecar.header import split_message
 from dkim_sidecar.keys import Algorithm, SigningKey
 from dkim_sidecar.keystore import (
@@ -601,6 +602,46 @@ def test_redis_needs_only_read_commands(
     )
     assert len(least.load().keys) == 2
     assert admin.acl_log() == []
+
+
+def test_redis_username_from_the_config(
+    redis_server: RedisServer, admin: redis.Redis, sources: list[RedisKeySource], keys: Keys
+) -> None:
+    """`keys.redis.username` as an admin writes it: the sidecar logs in as that ACL user (the
+    docstring's least-privilege one) and loads the keys; a user Redis does not know is named
+    in the error, the password is not."""
+    seed_mailcow(admin, "example.org", "dkim", Keys.pkcs8(keys.rsa_a), spki_b64(keys.rsa_a))
+    admin.execute_command(
+        "ACL SETUSER dkim-sidecar reset on >pw-for-the-acl-user -@all +hgetall +hmget "
+        "~DKIM_* ~WHITELISTED_FWD_HOST ~KEEP_SPAM"
+    )
+    env = {"SIDECAR_REDIS_PASSWORD": "pw-for-the-acl-user"}
+
+    def source_for(user: str) -> RedisKeySource:
+        raw = {
+            "keys": {
+                "redis": {
+                    "host": redis_server.host,
+                    "port": redis_server.port,
+                    "username": user,
+                    "password_env": "SIDECAR_REDIS_PASSWORD",
+                }
+            }
+        }
+        config = parse_config(raw, "config.yml", env)
+        assert config.keys.redis is not None and config.keys.redis.username == user
+        made = runtime.make_source(config.keys.redis, config, env)
+        assert isinstance(made, RedisKeySource)
+        sources.append(made)
+        return made
+
+    loaded = source_for("dkim-sidecar").load()
+    assert [(k.domain, k.selector) for k in loaded.keys] == [("example.org", "dkim")]
+    assert admin.acl_log() == []  # it sent nothing that user may not
+    with pytest.raises(SourceUnavailable) as info:
+        source_for("no-such-user").load()
+    assert "no-such-user" in str(info.value)
+    assert "pw-for-the-acl-user" not in _chain_text(info.value)
 
 
 def test_redis_permission_denied_names_the_command(

@@ -500,6 +500,7 @@ class RedisSource:
     host: str = "redis-mailcow"
     port: int = 6379
     db: int = 0
+    username: str | None = None  # a Redis 6+ ACL user; None: the default user
     password_env: str | None = "REDISPASS"  # noqa: S105 - the variable's name, not a secret
     password_file: str | None = None
     selectors_hash: str = "DKIM_SELECTORS"
@@ -791,6 +792,19 @@ def _hash_name(value: object) -> str:
     raise _Invalid(f"{_show(value)} is not a Redis key name (non-empty, no spaces)")
 
 
+def _acl_user(value: object) -> str:
+    # Redis takes any octets but spaces in an ACL user name (ACL SETUSER); a control character
+    # or a space here is a paste error, and would be sent as is in AUTH
+    if (
+        isinstance(value, str)
+        and 0 < len(value) <= 256
+        and value.isprintable()
+        and not any(c.isspace() for c in value)
+    ):
+        return value
+    raise _Invalid(f"{_show(value)} is not a Redis ACL user name (non-empty, no spaces)")
+
+
 def _abs_path(value: object) -> str:
     if isinstance(value, str) and value.startswith("/") and "\0" not in value:
         return value
@@ -1050,6 +1064,7 @@ _REDIS: dict[str, Parser] = {
     "host": _field(_host),
     "port": _field(_port),
     "db": _field(_nonneg_int),
+    "username": _field(_optional(_acl_user)),
     "password_env": _field(_optional(_env_name)),
     "password_file": _field(_optional(_abs_path)),
     "selectors_hash": _field(_hash_name),

@@ -22,13 +22,11 @@ Forwarding hosts (`data/web/inc/functions.fwdhost.inc.php`) can be taken as extr
     KEEP_SPAM             <IP or CIDR> -> "1" when the spam filter is off for that host
 
 Only read commands are sent: AUTH when connecting, then HGETALL and HMGET (plus SELECT when
-`db` is not 0; no CLIENT SETINFO). The tests prove it with a Redis ACL user that may do no
-more (the `username` argument), e.g.
+`db` is not 0; no CLIENT SETINFO). Mailcow's Redis has one user (`default`, password
+REDISPASS), which may do everything; `keys.redis.username` lets the sidecar log in as a user
+that may only read what it needs instead (the tests prove that this is enough), e.g.
 
     user dkim-sidecar on >PASSWORD -@all +hgetall +hmget ~DKIM_* ~WHITELISTED_FWD_HOST ~KEEP_SPAM
-
-The config has no username setting yet: the sidecar authenticates as Mailcow's default user,
-with the password that `requirepass` protects.
 
 Newer Mailcow runs Valkey (`valkey-mailcow`, password `VALKEYPASS`): same protocol, same hashes.
 The password never appears in an error text, a log line or an exception chain.

@@ -78,6 +78,7 @@ def make_source(spec: cfg.KeySource, config: cfg.Config, env: Mapping[str, str])
         host=spec.host,
         port=spec.port,
         db=spec.db,
+        username=spec.username,
         password=password,
         selectors_hash=spec.selectors_hash,
         keys_hash=spec.keys_hash,
