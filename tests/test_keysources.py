@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import itertools
 import logging
+import os
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -27,6 +28,7 @@ from dkim_sidecar.config import PasswordError, parse_config, read_password
 from dkim_sidecar.header import split_message
 from dkim_sidecar.keys import Algorithm, SigningKey
 from dkim_sidecar.keystore import (
+    MAX_KEY_FILE,
     DirectoryKeySource,
     KeySet,
     KeySource,
@@ -302,6 +304,28 @@ def test_garbage_for_one_domain_leaves_the_others(make_source: MakeSource, keys:
     problem = result.problems[0]
     assert "broken.example" in problem and "sel7" in problem
     assert GARBAGE_BODY.decode() not in problem
+
+
+def test_key_files_that_are_not_files(tmp_path: Path, keys: Keys) -> None:
+    """A FIFO named like a key (it would block the refresh forever), /dev/zero as a table key
+    (it would never end), a directory, a key file past the size limit: each is one problem line,
+    read in bounded time, and the good key next to them loads."""
+    d = tmp_path / "keys"
+    d.mkdir()
+    (d / "good.example.dkim.key").write_bytes(Keys.pkcs8(keys.rsa_a))
+    os.mkfifo(d / "fifo.example.sel.key")
+    (d / "dir.example.sel.key").mkdir()
+    (d / "big.example.sel.key").write_bytes(b"x" * (MAX_KEY_FILE + 1))
+    result = DirectoryKeySource(str(d)).load()
+    assert sorted(by_domain(result)) == ["good.example"]
+    problems = sorted(result.problems)
+    assert len(problems) == 3
+    assert "big.example.sel.key: " in problems[0] and "too large to be a key" in problems[0]
+    assert "dir.example.sel.key: " in problems[1] and "not a regular file" in problems[1]
+    assert "fifo.example.sel.key: " in problems[2] and "not a regular file" in problems[2]
+    table = TableKeySource([TableRow("zero.example", "sel", "/dev/zero")]).load()
+    assert table.keys == () and len(table.problems) == 1
+    assert table.problems[0].startswith("/dev/zero: ") and "not a regular file" in table.problems[0]
 
 
 def test_rsa_512_is_refused(make_source: MakeSource, keys: Keys) -> None:
@@ -861,6 +885,11 @@ def test_read_password_missing(tmp_path: Path) -> None:
         read_password("REDISPASS", str(missing), {"REDISPASS": SECRET})
     with pytest.raises(PasswordError, match="is not a regular file"):
         read_password(None, str(tmp_path), {})
+    with pytest.raises(PasswordError, match="/dev/zero is not a regular file"):
+        read_password(None, "/dev/zero", {})  # would never end
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(PasswordError, match="fifo is not a regular file"):
+        read_password(None, str(tmp_path / "fifo"), {})  # would wait for a writer forever
 
 
 def test_redis_hash_holding_keys_where_names_belong_never_shows_a_key(

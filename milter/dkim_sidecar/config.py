@@ -43,6 +43,7 @@ from typing import Any, TypeVar
 import yaml
 
 from dkim_sidecar.canon import Canon, Canonicalization
+from dkim_sidecar.files import FileTooLarge, NotRegularFile, read_small_file
 from dkim_sidecar.keys import a_label
 
 __all__ = [
@@ -473,12 +474,11 @@ def read_password(
 
 def _read_secret_file(path: Path, where: str) -> tuple[bytes, str]:
     try:
-        if not path.is_file() and path.exists():
-            return b"", f"{where} is not a regular file"
-        size = path.stat().st_size
-        if size > MAX_PASSWORD_FILE:
-            return b"", f"{where} is {size} bytes: too large to be a password"
-        return path.read_bytes(), ""
+        return read_small_file(path, MAX_PASSWORD_FILE), ""
+    except NotRegularFile:
+        return b"", f"{where} is not a regular file"
+    except FileTooLarge as exc:
+        return b"", f"{where} is {exc.size} bytes: too large to be a password"
     except FileNotFoundError:
         return b"", f"{where} does not exist"
     except OSError as exc:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from .files import FileTooLarge, NotRegularFile, read_small_file
 from .keys import KeyLoadError, SigningKey
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -100,10 +101,12 @@ class KeySet:
 
 
 def _read_key_file(path: Path) -> bytes:
-    size = path.stat().st_size
-    if size > MAX_KEY_FILE:
-        raise KeyLoadError(f"file of {size} bytes is too large to be a key")
-    return path.read_bytes()
+    try:
+        return read_small_file(path, MAX_KEY_FILE)
+    except FileTooLarge as exc:
+        raise KeyLoadError(f"file of {exc.size} bytes is too large to be a key") from None
+    except NotRegularFile:
+        raise KeyLoadError("not a regular file") from None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,53 @@
+"""Reading the small files a secret lives in (private keys, the Redis password).
+
+One descriptor from open to read: the checks apply to the file that is read, not to whatever
+stood at the path a moment before. Only regular files: a FIFO would block the key refresh
+forever, and /dev/zero would never end.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+
+class NotRegularFile(OSError):
+    """The path is a directory, a FIFO, a device or a socket."""
+
+
+class FileTooLarge(OSError):
+    """More octets than the caller's limit: the wrong file, not a key or password."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"{size} bytes")
+        self.size = size
+
+
+def read_small_file(path: str | Path, limit: int) -> bytes:
+    """The whole file, if it is a regular file of at most `limit` octets.
+
+    Raises NotRegularFile, FileTooLarge, or the OSError of open/read (FileNotFoundError...).
+    """
+    # O_NONBLOCK: opening a FIFO with no writer would otherwise wait for one
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotRegularFile("not a regular file")
+        if info.st_size > limit:
+            raise FileTooLarge(info.st_size)
+        chunks = []
+        left = limit + 1  # one more than allowed: a file that grew since fstat is caught
+        while left > 0:
+            chunk = os.read(fd, left)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        data = b"".join(chunks)
+        if len(data) > limit:
+            raise FileTooLarge(len(data))
+        return data
+    finally:
+        os.close(fd)
