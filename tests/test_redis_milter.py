@@ -529,6 +529,30 @@ def test_fixed_password_file_takes_effect_at_sighup(
         metric_until(s, "dkim_sidecar_redis_up", 1)
 
 
+def test_password_file_gone_at_sighup_keeps_keys_and_counts_them(
+    tmp_path: Path, server: RedisServer, seeded: redis.Redis
+) -> None:
+    """The reverse: the secret disappears (a botched redeploy), then SIGHUP. The source cannot
+    even be built, its last keys keep signing, and the metrics say both: Redis not read, and
+    the keys still counted under redis (not as 0, which would page someone for no reason)."""
+    secret = tmp_path / "secrets" / "redispass"
+    secret.parent.mkdir()
+    secret.write_text(PASSWORD + "\n")
+    config = sidecar_config(server.port, password_file=str(secret))
+    with running(tmp_path / "sidecar", config, {}) as s:
+        loaded = s.metric("dkim_sidecar_keys_loaded", source="redis")
+        assert loaded >= 1
+        secret.unlink()
+        s.reload()
+        s.wait_log("key source unusable")
+        line = next(x for x in s.log().splitlines() if "key source unusable" in x)
+        assert f"{secret} does not exist" in line
+        r = s.send(msg("gen.example"), RELAY)
+        assert verify(r.message, mailcow_dns(seeded)) == [True]
+        assert s.metric("dkim_sidecar_redis_up") == 0
+        assert s.metric("dkim_sidecar_keys_loaded", source="redis") == loaded
+
+
 def test_ready_metric_agrees_with_readyz_when_redis_refuses(
     tmp_path: Path, server: RedisServer, seeded: redis.Redis
 ) -> None:

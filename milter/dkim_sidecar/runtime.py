@@ -47,14 +47,13 @@ class Runtime:
     config: cfg.Config
     keys: KeySet
     policy: SigningPolicy
-    generation: int = 0
     # the config's relay networks and those a key source found (Mailcow forwarding hosts)
     _relay: cfg.RelayTable = field(default=cfg.RelayTable((), ()), repr=False)
 
     @classmethod
-    def build(cls, config: cfg.Config, keys: KeySet, generation: int = 0) -> Runtime:
+    def build(cls, config: cfg.Config, keys: KeySet) -> Runtime:
         relay = cfg.RelayTable.of((*config.relay_networks, *keys.networks))
-        return cls(config, keys, policy_of(config), generation, relay)
+        return cls(config, keys, policy_of(config), relay)
 
     def is_relay(self, ip: str) -> bool:
         """Is the client (by the address the MTA reports, never by a header) ours to sign for?"""
@@ -100,6 +99,19 @@ class _Slot:
         self.up = False
         self.warned = False  # the "unreachable" line is logged once per outage, not per retry
 
+    @property
+    def name(self) -> str:
+        """The metric label: from the spec, so that a source that could not be built (an
+        unreadable password file at SIGHUP) still counts the last keys it keeps signing with."""
+        return _SOURCE_NAMES[type(self.spec)]
+
+
+_SOURCE_NAMES: dict[type, str] = {
+    cfg.DirectorySource: "directory",
+    cfg.TableSource: "table",
+    cfg.RedisSource: "redis",
+}
+
 
 class Controller:
     """Owns the current snapshot, the key refresh loop and reloads."""
@@ -123,7 +135,7 @@ class Controller:
         self._slots: list[_Slot] = []
         self._slots_built = False
         self.keys_loaded_once = False
-        self.current = Runtime.build(config, KeySet(), 0)
+        self.current = Runtime.build(config, KeySet())
         self.listening = False
 
     # --- key sources ---------------------------------------------------------------------
@@ -198,7 +210,7 @@ class Controller:
                 self._slots = self._make_slots(old.config, [])
                 self._slots_built = True
             keys, all_ok = self._load_slots(self._slots)
-            self._publish(Runtime.build(old.config, keys, old.generation), keys, all_ok)
+            self._publish(Runtime.build(old.config, keys), keys, all_ok)
             return all_ok
 
     def _publish(self, runtime: Runtime, keys: KeySet, all_ok: bool) -> None:
@@ -213,12 +225,11 @@ class Controller:
             m.key_refresh_last_success.set(time.time())
         counts: dict[str, int] = {}
         for slot in self._slots:
-            name = slot.source.name if slot.source is not None else "unusable"
-            counts[name] = counts.get(name, 0) + (len(slot.last.keys) if slot.last else 0)
-        for name in ("directory", "table", "redis"):
+            counts[slot.name] = counts.get(slot.name, 0) + (len(slot.last.keys) if slot.last else 0)
+        for name in _SOURCE_NAMES.values():
             m.keys_loaded.labels(name).set(counts.get(name, 0))
         m.key_problems.set(len(keys.problems))
-        redis = [s for s in self._slots if s.source is not None and s.source.name == "redis"]
+        redis = [s for s in self._slots if s.name == "redis"]
         m.redis_up.set(1 if redis and all(s.up for s in redis) else 0)
         if set(keys.by_domain) != set(previous.by_domain) or keys.problems != previous.problems:
             for problem in keys.problems:
@@ -262,7 +273,7 @@ class Controller:
             keys, all_ok = self._load_slots(slots)
             self._slots, self._slots_built = slots, True
             self._generation += 1
-            self._publish(Runtime.build(config, keys, self._generation), keys, all_ok)
+            self._publish(Runtime.build(config, keys), keys, all_ok)
             self.metrics.reloads.labels("ok").inc()
             self.metrics.reload_last_success.set(time.time())
             logging.getLogger().setLevel(config.log_level.level)
