@@ -30,10 +30,26 @@ def test_other_values_are_json_strings(value: str) -> None:
     assert "\n" not in text and "\r" not in text and "\u2028" not in text
 
 
-def test_a_message_line_is_one_line_whatever_its_values(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def root_logger(monkeypatch: pytest.MonkeyPatch) -> logging.Logger:
+    """setup_logging changes process-wide state: the root logger's handlers and level, and
+    four switches of the logging module. All of it goes back after the test, so the tests
+    after this one log (and capture logs) as before."""
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
+    for name in ("logThreads", "logProcesses", "logMultiprocessing", "_srcfile"):
+        monkeypatch.setattr(logging, name, getattr(logging, name))
+    return root
+
+
+def test_a_message_line_is_one_line_whatever_its_values(
+    monkeypatch: pytest.MonkeyPatch, root_logger: logging.Logger
+) -> None:
     out = io.StringIO()
     logs.setup_logging("text", logging.INFO)
-    monkeypatch.setattr(logging.getLogger().handlers[0], "stream", out)
+    assert root_logger.handlers[0].formatter is not None
+    monkeypatch.setattr(root_logger.handlers[0], "stream", out)
     logs.event(logging.INFO, "signed", queue_id="Q1\nforged line", domain="example.com")
     lines = out.getvalue().splitlines()
     assert len(lines) == 1
