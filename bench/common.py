@@ -8,7 +8,6 @@ Everything listens on 127.0.0.1 only. Every process started here is stopped by i
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import socket
@@ -114,54 +113,6 @@ def machine_info() -> dict[str, str]:
 
 
 # --- sockets of another process (pidfd_getfd, Linux 5.6+) ---------------------------------
-
-_SYS_PIDFD_GETFD = 438  # same number on x86_64 and aarch64
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _tcp_inodes(port: int) -> dict[int, str]:
-    """inode -> "listen"/"established" for local TCP sockets on 127.0.0.1:port."""
-    out = {}
-    with open("/proc/net/tcp") as f:
-        next(f)
-        for line in f:
-            parts = line.split()
-            local, state, inode = parts[1], parts[3], int(parts[9])
-            if int(local.split(":")[1], 16) != port:
-                continue
-            if state == "0A":
-                out[inode] = "listen"
-            elif state == "01":
-                out[inode] = "established"
-    return out
-
-
-def socket_nodelay(pid: int, port: int) -> list[tuple[str, bool]]:
-    """(kind, TCP_NODELAY) for each of the process's TCP sockets on `port`: the listening
-    socket and the accepted connections, read with getsockopt on a pidfd_getfd() copy."""
-    inodes = _tcp_inodes(port)
-    found = []
-    pidfd = os.pidfd_open(pid)
-    try:
-        for name in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                link = os.readlink(f"/proc/{pid}/fd/{name}")
-            except OSError:
-                continue
-            if not link.startswith("socket:["):
-                continue
-            kind = inodes.get(int(link[8:-1]))
-            if kind is None:
-                continue
-            fd = _libc.syscall(_SYS_PIDFD_GETFD, pidfd, int(name), 0)
-            if fd < 0:
-                raise OSError(ctypes.get_errno(), "pidfd_getfd failed")
-            with socket.socket(fileno=fd) as s:
-                found.append((kind, bool(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))))
-    finally:
-        os.close(pidfd)
-    return found
-
 
 # --- the key and the messages --------------------------------------------------------------
 

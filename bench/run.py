@@ -189,8 +189,9 @@ def milter_run(milter: Any, label: str, size: int, conc: int, count: int) -> dic
 def run_milter(
     cfg: dict[str, Any], milters: list[Any], rss: dict[str, Any], record: bytes
 ) -> dict[str, Any]:
-    from common import CLIENT_IP, median, socket_nodelay, verify
+    from common import CLIENT_IP, median, verify
     from dkim_sidecar.mtaclient import MilterClient
+    from harness.procfs import socket_nodelay
 
     nodelay = {}
     for m in milters:

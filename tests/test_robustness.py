@@ -749,6 +749,9 @@ def test_message_after_a_garbage_frame_on_another_connection(sidecar: Sidecar, d
     message = b"From: <a@example.com>\r\nSubject: in flight\r\n\r\nbody\r\n"
     signed = b"DKIM-Signature:" + result.signatures[0].replace(b"\n", b"\r\n") + b"\r\n" + message
     assert verify(signed, dns) == [True]
+    # the bad frame's line names the connection it closed (the MTA's end, 127.0.0.1:port)
+    line = next(x for x in sidecar.log().splitlines() if "packet of 2147483647 octets" in x)
+    assert "milter protocol error; closing" in line and "peer=127.0.0.1:" in line
 
 
 def test_mta_sending_an_undecodable_header_name(sidecar: Sidecar, dns) -> None:

@@ -92,7 +92,6 @@ class MilterConnection(asyncio.BufferedProtocol):
     def __init__(self, server: MilterServer) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
-        self.peer = "?"
         self._buf = bytearray(_FIRST_SIZE)
         self._start = 0  # the unparsed octets are _buf[_start:_end]
         self._end = 0
@@ -113,12 +112,19 @@ class MilterConnection(asyncio.BufferedProtocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # each reply is one write; with Nagle on, a reply written while the MTA's ACK of
             # the previous one is still delayed would wait ~40 ms for it
+            # (uvloop and asyncio set it too; test_operate reads it off the live socket)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            peer = transport.get_extra_info("peername")
-            self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
-        else:
-            self.peer = "unix"
         self.server.opened(self)
+
+    @property
+    def peer(self) -> str:
+        """The MTA's end, for the rare log line that names a connection (asked only then)."""
+        if self.transport is None:
+            return "?"
+        peer = self.transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            return f"{peer[0]}:{peer[1]}"
+        return "unix" if isinstance(peer, str | bytes) else "?"
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
