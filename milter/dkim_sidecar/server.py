@@ -98,7 +98,9 @@ class MilterConnection(asyncio.BufferedProtocol):
         self._protocol = 0  # the SMFIP_* flags agreed, 0 until negotiated
         self._can_add = False  # the MTA lets us add header fields: never before negotiation
         self.session = self._new_session()
-        self._macros: dict[int, dict[str, str]] = {}
+        # each stage's last macro packet, as it came: Postfix sends one before nearly every
+        # command (one per header field), and three lookups a message read a few of them
+        self._macros: dict[int, bytes] = {}
         # a decision taken where no reply goes (MAIL, header, body), answered at the next reply
         self._held: Action | None = None
         self._closed = False
@@ -260,12 +262,14 @@ class MilterConnection(asyncio.BufferedProtocol):
         self._send(p.negotiate_reply(mine, self._protocol, macros))
 
     def _macro(self, data: bytes) -> None:
-        stage, values = p.parse_macros(data)
-        self._macros[stage] = values  # each packet replaces its stage's macros, as libmilter
+        if not data:
+            raise p.ProtocolError("macro packet without a command")
+        self._macros[data[0]] = data  # each packet replaces its stage's macros, as libmilter
 
     def _lookup(self, name: str, *stages: int) -> str | None:
         for stage in stages:
-            value = self._macros.get(stage, {}).get(name)
+            raw = self._macros.get(stage)
+            value = None if raw is None else p.parse_macros(raw)[1].get(name)
             if value:
                 return value
         return None
