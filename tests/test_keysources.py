@@ -10,6 +10,8 @@ import base64
 import itertools
 import logging
 import os
+import socket
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -307,22 +309,33 @@ def test_garbage_for_one_domain_leaves_the_others(make_source: MakeSource, keys:
 
 
 def test_key_files_that_are_not_files(tmp_path: Path, keys: Keys) -> None:
-    """A FIFO named like a key (it would block the refresh forever), /dev/zero as a table key
-    (it would never end), a directory, a key file past the size limit: each is one problem line,
-    read in bounded time, and the good key next to them loads."""
+    """A FIFO named like a key (it would block the refresh forever), a socket, /dev/zero as a
+    table key (it would never end), a directory, a key file past the size limit: each is one
+    problem line, read in bounded time, and the good key next to them loads."""
     d = tmp_path / "keys"
     d.mkdir()
     (d / "good.example.dkim.key").write_bytes(Keys.pkcs8(keys.rsa_a))
     os.mkfifo(d / "fifo.example.sel.key")
     (d / "dir.example.sel.key").mkdir()
     (d / "big.example.sel.key").write_bytes(b"x" * (MAX_KEY_FILE + 1))
-    result = DirectoryKeySource(str(d)).load()
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(d / "sock.example.sel.key"))
+    # in a thread: a regression would block on the FIFO, and must fail here, not hang the suite
+    done: list[SourceResult] = []
+    worker = threading.Thread(target=lambda: done.append(DirectoryKeySource(str(d)).load()))
+    worker.daemon = True
+    worker.start()
+    worker.join(10)
+    sock.close()
+    assert done, "loading the key directory blocked"
+    result = done[0]
     assert sorted(by_domain(result)) == ["good.example"]
     problems = sorted(result.problems)
-    assert len(problems) == 3
+    assert len(problems) == 4
     assert "big.example.sel.key: " in problems[0] and "too large to be a key" in problems[0]
     assert "dir.example.sel.key: " in problems[1] and "not a regular file" in problems[1]
     assert "fifo.example.sel.key: " in problems[2] and "not a regular file" in problems[2]
+    assert "sock.example.sel.key: " in problems[3] and "not a regular file" in problems[3]
     table = TableKeySource([TableRow("zero.example", "sel", "/dev/zero")]).load()
     assert table.keys == () and len(table.problems) == 1
     assert table.problems[0].startswith("/dev/zero: ") and "not a regular file" in table.problems[0]
@@ -641,12 +654,13 @@ def test_redis_username_from_the_config(
     )
     env = {"SIDECAR_REDIS_PASSWORD": "pw-for-the-acl-user"}
 
-    def source_for(user: str) -> RedisKeySource:
+    def source_for(user: str, db: int = 0) -> RedisKeySource:
         raw = {
             "keys": {
                 "redis": {
                     "host": redis_server.host,
                     "port": redis_server.port,
+                    "db": db,
                     "username": user,
                     "password_env": "SIDECAR_REDIS_PASSWORD",
                 }
@@ -662,9 +676,22 @@ def test_redis_username_from_the_config(
     loaded = source_for("dkim-sidecar").load()
     assert [(k.domain, k.selector) for k in loaded.keys] == [("example.org", "dkim")]
     assert admin.acl_log() == []  # it sent nothing that user may not
+    # another db needs SELECT, as the docs say: refused without it, enough with it
+    other = redis_server.client(db=3)
+    seed_mailcow(other, "example.net", "db3", Keys.pkcs8(keys.rsa_b), spki_b64(keys.rsa_b))
+    other.close()
+    with pytest.raises(SourceUnavailable, match=r"permission denied.*select"):
+        source_for("dkim-sidecar", db=3).load()
+    admin.execute_command("ACL SETUSER dkim-sidecar +select")
+    admin.execute_command("ACL LOG RESET")
+    loaded = source_for("dkim-sidecar", db=3).load()
+    assert [(k.domain, k.selector) for k in loaded.keys] == [("example.net", "db3")]
+    assert admin.acl_log() == []
     with pytest.raises(SourceUnavailable) as info:
         source_for("no-such-user").load()
-    assert "no-such-user" in str(info.value)
+    # Redis answers WRONGPASS for a user it does not have: the hint is about that user
+    assert "user no-such-user: authentication failed" in str(info.value)
+    assert "ACL user exists" in str(info.value) and "REDISPASS" not in str(info.value)
     assert "pw-for-the-acl-user" not in _chain_text(info.value)
 
 

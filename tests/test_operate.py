@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import signal
 import socket
@@ -40,13 +41,19 @@ def make(tmp_path: Path, pem: bytes, **config) -> Sidecar:
 def test_milter_connections_have_tcp_nodelay(tmp_path: Path, pem: bytes) -> None:
     """Every reply is one write; with Nagle on, one written while Postfix's ACK of the previous
     is delayed would wait ~40 ms for it (issue 7). Read on the sidecar's own accepted socket,
-    in the running process (pidfd_getfd), not taken on trust from the event loop."""
+    in the running process (pidfd_getfd). uvloop and asyncio set the flag too, so this checks
+    the outcome (nothing of ours turns it off), whoever sets it."""
     s = make(tmp_path, pem).start()
     try:
         with MilterClient(s.milter) as c:
             c.negotiate()
             c.connect(RELAY)  # answered: the sidecar has accepted the connection
-            found = [x for x in socket_nodelay(s.proc.pid, s.port) if x[0] == "established"]
+            try:
+                found = [x for x in socket_nodelay(s.proc.pid, s.port) if x[0] == "established"]
+            except OSError as exc:
+                if exc.errno in (errno.EPERM, errno.ENOSYS):  # no ptrace rights / old kernel
+                    pytest.skip(f"pidfd_getfd: {exc.strerror}")
+                raise
             assert found == [("established", True)]
     finally:
         s.stop()

@@ -29,8 +29,13 @@ def read_small_file(path: str | Path, limit: int) -> bytes:
 
     Raises NotRegularFile, FileTooLarge, or the OSError of open/read (FileNotFoundError...).
     """
-    # O_NONBLOCK: opening a FIFO with no writer would otherwise wait for one
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    # Refused before it is opened, so that opening has no side effect (a tty, a device) and a
+    # socket gets the same answer as a FIFO; fstat below checks what was opened, in case
+    # the path changed in between.
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise NotRegularFile("not a regular file")
+    # O_NONBLOCK: a FIFO swapped in since the stat must not block the open either
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):

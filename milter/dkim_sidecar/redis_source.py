@@ -28,6 +28,9 @@ that may only read what it needs instead (the tests prove that this is enough), 
 
     user dkim-sidecar on >PASSWORD -@all +hgetall +hmget ~DKIM_* ~WHITELISTED_FWD_HOST ~KEEP_SPAM
 
+with `+select` added when `db` is not 0, and key patterns that cover the hash names if they
+are not the defaults.
+
 Newer Mailcow runs Valkey (`valkey-mailcow`, password `VALKEYPASS`): same protocol, same hashes.
 The password never appears in an error text, a log line or an exception chain.
 """
@@ -242,10 +245,16 @@ class RedisKeySource:
         if isinstance(exc, redis.AuthenticationError):
             if self._password is None:
                 text = f"{where}: authentication required, but no password is configured"
-            else:
-                who = f"user {self._username}: " if self._username else ""
+            elif self._username:
+                # Redis says WRONGPASS alike for a wrong password and for a user it does not
+                # have: one made with ACL SETUSER is gone after a Redis restart (no aclfile)
                 text = (
-                    f"{where}: {who}authentication failed (check the password: REDISPASS in "
+                    f"{where}: user {self._username}: authentication failed (check that the "
+                    "ACL user exists and is on (ACL LIST), and its password)"
+                )
+            else:
+                text = (
+                    f"{where}: authentication failed (check the password: REDISPASS in "
                     "mailcow.conf, VALKEYPASS on Mailcow with Valkey)"
                 )
         elif isinstance(exc, redis.exceptions.BusyLoadingError):
@@ -256,8 +265,8 @@ class RedisKeySource:
             text = f"{where}: cannot connect: {detail}"
         elif isinstance(exc, redis.exceptions.NoPermissionError):
             text = (
-                f"{where}: permission denied: {detail} (the ACL user needs +hgetall +hmget on "
-                "the DKIM hashes)"
+                f"{where}: permission denied: {detail} (the ACL user needs +hgetall +hmget, "
+                "+select when db is not 0, on keys matching the configured hash names)"
             )
         elif isinstance(exc, redis.ResponseError) and detail.startswith("WRONGTYPE"):
             text = f"{where}: {detail} (one of the configured hash names is not a hash)"
