@@ -77,11 +77,18 @@ def _children_cpu() -> float:
 
 
 class EndToEnd:
-    """`modes` maps a setup name to the milter it uses (None: no milter)."""
+    """`modes` maps a setup name to the milter it uses (None: no milter); `main_cf` gives a
+    setup main.cf settings of its own (e.g. smtpd_milter_maps), over the ones set here."""
 
-    def __init__(self, workdir: Path, modes: dict[str, Milter | None]) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        modes: dict[str, Milter | None],
+        main_cf: dict[str, dict[str, str]] | None = None,
+    ) -> None:
         self.workdir = workdir
         self.modes = modes
+        self.main_cf = main_cf or {}
         self.instances: dict[str, PostfixInstance] = {}
         self.sink_proc: subprocess.Popen[bytes] | None = None
         self.sink_port = 0
@@ -106,7 +113,7 @@ class EndToEnd:
                     ipv6=False,
                     base_dir=self.workdir / f"postfix-{name}",
                     # as many smtpd processes as smtp-source sessions, no connection limits
-                    extra_main_cf={"default_process_limit": "200"},
+                    extra_main_cf={"default_process_limit": "200", **self.main_cf.get(name, {})},
                 )
                 self.instances[name] = inst
                 inst.start()

@@ -265,8 +265,38 @@ def run_milter(
     }
 
 
+def postfix_map(work: Path, milter: Any) -> dict[str, str]:
+    """main.cf for a Postfix that reaches `milter` only from its relay networks: the CIDR table
+    made by `dkim-sidecar postfix-map` from that sidecar's own config, as docs/mailcow.md has
+    admins do, and no smtpd_milters for everyone else (here there is no rspamd before it)."""
+    table = work / f"{milter.name}.milter_map.cidr"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dkim_sidecar.cli",
+            "postfix-map",
+            "--config",
+            str(work / milter.name / "config.yml"),
+            "--milters",
+            milter.address,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    table.write_text(out.stdout)
+    os.chmod(table, 0o644)  # Postfix's smtpd (user postfix) reads it
+    return {"smtpd_milters": "", "smtpd_milter_maps": f"cidr:{table}"}
+
+
 def run_e2e(
-    cfg: dict[str, Any], work: Path, modes: dict[str, Any], rss: dict[str, Any], record: bytes
+    cfg: dict[str, Any],
+    work: Path,
+    modes: dict[str, Any],
+    rss: dict[str, Any],
+    record: bytes,
+    main_cf: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     from common import machine_cpu_seconds, median
     from e2e import EndToEnd
@@ -274,7 +304,7 @@ def run_e2e(
     n, sessions = cfg["e2e_messages"], cfg["e2e_sessions"]
     runs: list[dict[str, Any]] = []
     main = modes.get("sidecar")
-    with EndToEnd(work, modes) as e:
+    with EndToEnd(work, modes, main_cf) as e:
         checks = 3
         check = e.start(record, checks)
         log(f"e2e: signed (dkimpy-verified) out of {checks} per setup: {check}")
@@ -532,16 +562,22 @@ def main() -> int:
                     ]
                 if "e2e" in sections:
                     modes: dict[str, Any] = {"none": None, "sidecar": main_sc}
+                    main_cf: dict[str, dict[str, str]] = {}
                     if od is not None:
                         modes["opendkim"] = od
-                    modes["sidecar-outside"] = stack.enter_context(
+                    outside = stack.enter_context(
                         sidecar(work, keyfile.parent, [RELAY_NET], name="sidecar-outside")
                     )
+                    modes["sidecar-outside"] = outside
+                    # the same sidecar, but Postfix asks it only for its relay networks
+                    # (smtpd_milter_maps, as `dkim-sidecar postfix-map` writes the table)
+                    modes["sidecar-mapped"] = outside
+                    main_cf["sidecar-mapped"] = postfix_map(work, outside)
                     if have_opendkim:
                         modes["opendkim-outside"] = stack.enter_context(
                             opendkim(work, keyfile, [RELAY_NET], name="opendkim-outside")
                         )
-                    results["e2e"] = run_e2e(cfg, work, modes, rss, record)
+                    results["e2e"] = run_e2e(cfg, work, modes, rss, record, main_cf)
                     foreign += [(r["foreign_cores"], r["drained"]) for r in results["e2e"]["runs"]]
         if rss["samples_mb"]:
             s = rss["samples_mb"]
