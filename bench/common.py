@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -246,19 +247,38 @@ def opendkim_conf(workdir: Path, keyfile: Path, port: int, internal: Sequence[st
 
 @contextlib.contextmanager
 def opendkim(
-    workdir: Path, keyfile: Path, internal: Sequence[str], name: str = "opendkim"
+    workdir: Path,
+    keyfile: Path,
+    internal: Sequence[str],
+    name: str = "opendkim",
+    preload: Path | None = None,
 ) -> Iterator[Milter]:
-    """OpenDKIM in the foreground (`-f -x conf`), signing mode, the same key."""
+    """OpenDKIM in the foreground (`-f -x conf`), signing mode, the same key; `preload`: a
+    shared object to LD_PRELOAD into it (bench/nostall.c)."""
     port = free_port()
     conf = opendkim_conf(workdir, keyfile, port, internal)
+    env = None if preload is None else {**os.environ, "LD_PRELOAD": str(preload)}
     log = open(workdir / f"{name}.log", "ab")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([OPENDKIM, "-f", "-x", str(conf)], stdout=log, stderr=log)
+    proc = subprocess.Popen([OPENDKIM, "-f", "-x", str(conf)], stdout=log, stderr=log, env=env)
     try:
         wait_listening(port, 10, lambda: proc.poll() is None)
         yield Milter(name, proc.pid, port)
     finally:
         stop_process(proc)
         log.close()
+
+
+def build_nostall(workdir: Path) -> Path | None:
+    """Compile bench/nostall.c into workdir; None without a C compiler (the row is left out)."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    out = workdir / "nostall.so"
+    subprocess.run(
+        [cc, "-O2", "-shared", "-fPIC", "-o", str(out), str(ROOT / "bench" / "nostall.c"), "-ldl"],
+        check=True,
+    )
+    return out
 
 
 def stop_process(proc: subprocess.Popen[bytes], grace: float = 10) -> None:
