@@ -552,10 +552,22 @@ def main() -> int:
                 relay = ["127.0.0.0/8", RELAY_NET]
                 main_sc = stack.enter_context(sidecar(work, keyfile.parent, relay))
                 milters = [main_sc]
-                od = None
+                od = od_nostall = None
                 if have_opendkim:
                     od = stack.enter_context(opendkim(work, keyfile, ["127.0.0.1", RELAY_NET]))
                     milters.append(od)
+                    shim = build_nostall(work)
+                    if shim is not None:  # OpenDKIM without its delayed-ACK waits
+                        od_nostall = stack.enter_context(
+                            opendkim(
+                                work,
+                                keyfile,
+                                ["127.0.0.1", RELAY_NET],
+                                name="opendkim-nostall",
+                                preload=shim,
+                            )
+                        )
+                        milters.append(od_nostall)
                 if "milter" in sections:
                     results["milter"] = run_milter(cfg, milters, rss, record)
                     foreign += [
@@ -578,17 +590,8 @@ def main() -> int:
                         modes["opendkim-outside"] = stack.enter_context(
                             opendkim(work, keyfile, [RELAY_NET], name="opendkim-outside")
                         )
-                        shim = build_nostall(work)
-                        if shim is not None:  # OpenDKIM without its delayed-ACK waits
-                            modes["opendkim-nostall"] = stack.enter_context(
-                                opendkim(
-                                    work,
-                                    keyfile,
-                                    ["127.0.0.1", RELAY_NET],
-                                    name="opendkim-nostall",
-                                    preload=shim,
-                                )
-                            )
+                    if od_nostall is not None:
+                        modes["opendkim-nostall"] = od_nostall
                     results["e2e"] = run_e2e(cfg, work, modes, rss, record, main_cf)
                     foreign += [(r["foreign_cores"], r["drained"]) for r in results["e2e"]["runs"]]
         if rss["samples_mb"]:
