@@ -73,14 +73,20 @@ def select_headers(
     """
     by_name: dict[str, list[bytes]] = {}
     for f in fields:
-        by_name.setdefault(f.name, []).append(f.raw)
+        same = by_name.get(f.name)
+        if same is None:
+            by_name[f.name] = [f.raw]
+        else:
+            same.append(f.raw)
     names: list[str] = []
     chosen: list[bytes] = []
+    # most of the ~30 names in `sign` are absent from a given message: skipped at one lookup
     for name in sign:
-        present = by_name.get(name, ())
-        for raw in reversed(present):
-            names.append(name)
-            chosen.append(raw)
+        present = by_name.get(name)
+        if present is not None:
+            for raw in reversed(present):
+                names.append(name)
+                chosen.append(raw)
         if name in oversign:
             names.append(name)  # a null string to the hash (§5.4.2): signs absence
     return names, chosen

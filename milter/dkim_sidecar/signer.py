@@ -12,7 +12,15 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .canon import CRLF, BodyHasher, Canon, Canonicalization, canon_header
+from .canon import (
+    CRLF,
+    BodyHasher,
+    Canon,
+    Canonicalization,
+    canon_header,
+    canon_header_relaxed,
+    canon_header_simple,
+)
 from .header import HeaderField, select_headers
 from .keys import SigningKey
 
@@ -113,7 +121,8 @@ class MessageSigner:
         bh = base64.b64encode(self._body.digest()).decode("ascii")
         names, chosen = select_headers(fields, policy.sign_headers, policy.oversign_headers)
         # RFC 6376 §3.7: the selected fields in h= order, then the signature field itself
-        signed = b"".join(canon_header(hcanon, raw) for raw in chosen)
+        canon = canon_header_relaxed if hcanon is Canon.RELAXED else canon_header_simple
+        signed = b"".join([canon(raw) for raw in chosen])
         out = []
         for key in self._keys:
             tags = [
