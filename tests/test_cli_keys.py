@@ -20,7 +20,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from dkim_sidecar import __version__
-from dkim_sidecar.keys import SigningKey
+from dkim_sidecar.cli import _txt_lookup
+from dkim_sidecar.keys import SigningKey, check_published
+from harness.dnsserver import TxtServer
 from harness.redis import RedisServer, mailcow_pub_b64, seed_mailcow
 
 CLI = Path(sys.executable).parent / "dkim-sidecar"
@@ -181,6 +183,80 @@ def test_keys_lists_directory_and_redis_keys_with_dns_records(
         assert rows[("dir.example", selector)]["txt"] == key.dns_record()
     assert PASSWORD not in out + err
     assert "PRIVATE KEY" not in out + err
+
+
+def test_keys_check_dns_says_which_records_match(
+    tmp_path: Path, setup: tuple[Path, Path, redis.Redis]
+) -> None:
+    """`keys --check-dns` against a zone given as --records (no DNS here): Mailcow's own
+    published key for gen.example; imp.example's folded over two strings' worth of spaces;
+    the Ed25519 record where the RSA key of dir.example is; nothing for its Ed25519 key."""
+    config, _keydir, client = setup
+    env = {"REDISPASS": PASSWORD}
+    rows = parse_keys_output(text(run("keys", "--config", str(config), env=env))[0])
+    gen_pub = client.hget("DKIM_PUB_KEYS", "gen.example")
+    assert gen_pub is not None
+    imp = rows[("imp.example", "s2019")]["txt"]
+    zone = tmp_path / "zone.txt"
+    zone.write_text(
+        f'dkim._domainkey.gen.example="v=DKIM1; k=rsa; p={gen_pub.decode()}"\n'
+        f"s2019._domainkey.imp.example.={imp[:60]} {imp[60:]}\n"
+        f"rsa1._domainkey.dir.example={rows[('dir.example', 'ed1')]['txt']}\n"
+    )
+    p = run("keys", "--config", str(config), "--check-dns", "--records", str(zone), env=env)
+    out, err = text(p)
+    assert p.returncode == 1, err
+    verdicts = {}
+    lines = out.splitlines()
+    for head, _record, dns in zip(lines[::3], lines[1::3], lines[2::3], strict=True):
+        domain, selector = head.split("\t")[:2]
+        verdicts[(domain, selector)] = dns
+    assert verdicts == {
+        ("gen.example", "dkim"): "  DNS: ok",
+        ("imp.example", "s2019"): "  DNS: ok",
+        ("dir.example", "rsa1"): "  DNS: WRONG: k=ed25519, but the key is rsa",
+        ("dir.example", "ed1"): "  DNS: WRONG: no TXT record at ed1._domainkey.dir.example",
+    }
+    assert err == "2 key(s) without a matching DNS record\n"
+    # published right, the same command says so and exits 0
+    zone.write_text("".join(f"{r['name']}={r['txt']}\n" for r in rows.values()))
+    p = run("keys", "--config", str(config), "--check-dns", "--records", str(zone), env=env)
+    out, err = text(p)
+    assert p.returncode == 0, out + err
+    assert out.count("  DNS: ok\n") == 4 and err == ""
+
+
+def test_check_dns_over_real_dns_wire_format(material: dict[str, bytes]) -> None:
+    """The DNS side of `keys --check-dns` against a name server on loopback (harness/dnsserver:
+    real UDP, real DNS messages): a 2048-bit key's record split into 255-octet strings, as
+    zones must publish it, is joined back and matches; two records, none, and a failing
+    server each give their own line."""
+    key = SigningKey.load("gen.example", "dkim", material["gen"])
+    record = key.dns_record().encode()
+    assert len(record) > 255
+    strings = [record[i : i + 255] for i in range(0, len(record), 255)]
+    zone = {
+        "dkim._domainkey.gen.example": [strings],
+        "two._domainkey.gen.example": [strings, [b"v=DKIM1; p="]],
+        "servfail._domainkey.gen.example": None,
+    }
+    with TxtServer(zone) as server:
+        lookup = _txt_lookup({}, server.resolver())
+
+        def check(selector: str) -> tuple[bool, str]:
+            k = SigningKey.load("gen.example", selector, material["gen"])
+            try:
+                return check_published(k, lookup(k.dns_name))
+            except OSError as exc:
+                return False, str(exc)
+
+        assert check("dkim") == (True, "ok")
+        assert check("two") == (
+            False,
+            "2 TXT records at two._domainkey.gen.example; publish exactly one",
+        )
+        assert check("none") == (False, "no TXT record at none._domainkey.gen.example")
+        assert check("servfail") == (False, "DNS lookup failed: NoNameservers")
 
 
 @pytest.mark.parametrize("where", ["redis", "directory"])

@@ -15,14 +15,18 @@ import pytest
 from cryptography.hazmat.primitives import serialization as ser
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
 
+from dkim_sidecar.canon import Canonicalization
+from dkim_sidecar.header import split_message
 from dkim_sidecar.keys import (
     Algorithm,
     KeyLoadError,
     SigningKey,
     check_dns_name,
+    check_published,
     generate_key,
     parse_private_key,
 )
+from dkim_sidecar.signer import MessageSigner, SigningPolicy
 
 VECTORS = Path(__file__).parent / "vectors"
 RFC8463_RSA_PEM = (VECTORS / "rfc8463_a1_rsa.pem").read_bytes()
@@ -149,6 +153,96 @@ def test_key_type_tag() -> None:
     assert Algorithm.RSA_SHA256.key_type == "rsa"
     assert Algorithm.ED25519_SHA256.key_type == "ed25519"
     assert Algorithm("ed25519-sha256") is Algorithm.ED25519_SHA256
+
+
+# --- the published record (keys --check-dns) ----------------------------------------------------
+
+
+def test_rfc8463_records_match_their_keys() -> None:
+    """RFC 8463 A.2's records, as the RFC prints them (an oracle independent of our
+    dns_record()), check out against the A.1 keys; swapped, they do not."""
+    dns = rfc8463_dns()
+    ed = SigningKey.load("football.example.com", "brisbane", RFC8463_ED25519_SEED)
+    rs = SigningKey.load("football.example.com", "test", RFC8463_RSA_PEM)
+    assert check_published(ed, [dns[ed.dns_name].encode()]) == (True, "ok")
+    assert check_published(rs, [dns[rs.dns_name].encode()]) == (True, "ok")
+    assert check_published(rs, [dns[ed.dns_name].encode()]) == (
+        False,
+        "k=ed25519, but the key is rsa",
+    )
+
+
+@pytest.fixture(scope="module")
+def published(rsa1024: rsa.RSAPrivateKey) -> tuple[SigningKey, str]:
+    key = SigningKey.load(
+        "example.com",
+        "s1",
+        rsa1024.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8, ser.NoEncryption()),
+    )
+    return key, key.public_key_b64()
+
+
+@pytest.mark.parametrize(
+    ("record", "ok", "says", "dkimpy"),
+    [
+        ("v=DKIM1; k=rsa; p={p}", True, "ok", True),
+        ("v=DKIM1;k=rsa;p={p};", True, "ok", True),  # no spaces, a trailing ;
+        ("p={p}", True, "ok", True),  # v= and k= are optional (k= defaults to rsa)
+        ("v=DKIM1; h=sha1:sha256; s=email; p={p}", True, "ok", True),
+        ("v=DKIM1; t=y; p={p}", True, "ok (t=y: testing mode", True),
+        ("v=DKIM1; p={p_folded}", True, "ok", True),  # whitespace inside p= (long TXT strings)
+        ("v=DKIM1; p={p_pkcs1}", True, "ok", True),  # the bare RSAPublicKey form
+        ("v=DKIM1; k=rsa; p=", False, "p= is empty: the key is revoked", False),
+        ("v=DKIM1; k=rsa; p={other}", False, "p= is a different key", False),
+        ("v=DKIM1; k=ed25519; p={p}", False, "k=ed25519, but the key is rsa", False),
+        ("k=rsa; v=DKIM1; p={p}", False, "v=DKIM1 must be the first tag", True),
+        ("v=DKIM2; p={p}", False, "v=DKIM2: not a DKIM key record", False),
+        ("v=DKIM1; h=sha1; p={p}", False, "h=sha1 does not allow sha256", True),
+        ("v=DKIM1; s=tlsrpt; p={p}", False, "s=tlsrpt: not for email", False),
+        ("v=DKIM1; p={p}; p={p}", False, "not a DKIM key record: tag p= given twice", False),
+        ("v=DKIM1; k=rsa", False, "no p= tag", False),
+        ("v=DKIM1; p=not*base64", False, "p= is not base64", False),
+        ("v=spf1 -all", False, "v=spf1 -all: not a DKIM key record", False),
+        ("hello", False, "not a DKIM key record: 'hello' is not tag=value", False),
+    ],
+)
+def test_published_record_checks(
+    published: tuple[SigningKey, str], record: str, ok: bool, says: str, dkimpy: bool
+) -> None:
+    """`dkimpy`: whether dkimpy verifies with this record. It agrees with us but on two
+    records that RFC 6376 §3.6.1 rules out and dkimpy lets pass: v= not first (a MUST for
+    the publisher), and h= without sha256 (which verifiers must then refuse)."""
+    key, p = published
+    other = SigningKey.load("example.com", "s1", generate_key(Algorithm.RSA_SHA256, 1024))
+    public = key.key.public_key()
+    pkcs1 = public.public_bytes(ser.Encoding.DER, ser.PublicFormat.PKCS1)
+    txt = record.format(
+        p=p,
+        p_folded=" ".join(p[i : i + 50] for i in range(0, len(p), 50)),
+        p_pkcs1=base64.b64encode(pkcs1).decode(),
+        other=other.public_key_b64(),
+    )
+    got_ok, got = check_published(key, [txt.encode()])
+    assert got_ok is ok and got.startswith(says), got
+    # dkimpy, reading the same record: it verifies a signature of this key when we said
+    # the record is good, and (but for its two leniencies) only then
+    message = b"From: <a@example.com>\r\nSubject: dns\r\n\r\nbody\r\n"
+    signer = MessageSigner(
+        [key],
+        SigningPolicy(Canonicalization.parse("relaxed/relaxed"), ("from", "subject")),
+        1_700_000_000,
+    )
+    signer.update(b"body\r\n")
+    fields, _ = split_message(message)
+    signed = signer.sign(fields)[0] + message
+    assert dkim.verify(signed, dnsfunc=lambda name, timeout=5: txt.encode()) is dkimpy
+
+
+def test_published_record_missing_or_ambiguous(published: tuple[SigningKey, str]) -> None:
+    key, p = published
+    assert check_published(key, []) == (False, "no TXT record at s1._domainkey.example.com")
+    twice = [f"v=DKIM1; p={p}".encode()] * 2
+    assert check_published(key, twice)[1].startswith("2 TXT records at s1._domainkey")
 
 
 # --- keys we refuse ------------------------------------------------------------------------------

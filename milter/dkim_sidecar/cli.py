@@ -13,13 +13,14 @@ import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from . import __version__
 from .canon import Canonicalization
 from .config import Config, ConfigError, IPNetwork, load_config, mapped_ipv4
 from .header import split_message
-from .keys import Algorithm, KeyLoadError, SigningKey, generate_key
+from .keys import Algorithm, KeyLoadError, SigningKey, check_published, generate_key
 from .keystore import KeySet, SourceUnavailable
 from .signer import MessageSigner, SigningPolicy
 
@@ -228,20 +229,54 @@ def _load_keys(config: Config) -> tuple[KeySet, list[str]]:
     return KeySet.combine(results), unreachable
 
 
+def _txt_lookup(records: dict[bytes, bytes], resolver: Any = None) -> Callable[[str], list[bytes]]:
+    """name -> every TXT record there (strings joined): from --record/--records when given,
+    else from DNS (the system's resolver, or `resolver`, a dns.resolver.Resolver). A failed
+    lookup (timeout, SERVFAIL) raises OSError with a one-line reason."""
+    if records:
+        return lambda name: [records[name.encode()]] if name.encode() in records else []
+    import dns.exception
+    import dns.resolver
+
+    ask = resolver if resolver is not None else dns.resolver
+
+    def lookup(name: str) -> list[bytes]:
+        try:
+            answer = ask.resolve(name + ".", "TXT", lifetime=5, search=False)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return []
+        except dns.exception.DNSException as exc:
+            raise OSError(f"DNS lookup failed: {type(exc).__name__}") from None
+        return [b"".join(r.strings) for r in answer]
+
+    return lookup
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     _, config = _load(args.config)
     keys, unreachable = _load_keys(config)
+    lookup = _txt_lookup(_records(args)) if args.check_dns else None
+    bad_dns = 0
     if not len(keys):
         print("no keys found")
     for domain in sorted(keys.by_domain):
         for k in keys.by_domain[domain]:
             print(f"{k.domain}\t{k.selector}\t{k.algorithm.value}\t{k.bits} bits\t{k.source}")
             print(f'  {k.dns_name} TXT "{k.dns_record()}"')
+            if lookup is not None:
+                try:
+                    ok, why = check_published(k, lookup(k.dns_name))
+                except OSError as exc:
+                    ok, why = False, str(exc)
+                bad_dns += not ok
+                print(f"  DNS: {why}" if ok else f"  DNS: WRONG: {why}")
     for line in unreachable:
         print(f"unreachable: {line}", file=sys.stderr)
     for line in keys.problems:
         print(f"unusable: {line}", file=sys.stderr)
-    return 1 if (keys.problems or unreachable) else 0
+    if bad_dns:
+        print(f"{bad_dns} key(s) without a matching DNS record", file=sys.stderr)
+    return 1 if (keys.problems or unreachable or bad_dns) else 0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -373,6 +408,12 @@ def parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("keys", help="list the keys the config loads and their DNS records")
     with_config(sp)
+    sp.add_argument(
+        "--check-dns",
+        action="store_true",
+        help="look each record up and say whether it matches the key (exit 1 if one does not)",
+    )
+    with_records(sp)
     sp.set_defaults(func=cmd_keys)
 
     sp = sub.add_parser("check-config", help="validate the config and its keys")

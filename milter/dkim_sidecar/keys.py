@@ -235,3 +235,79 @@ def generate_key(algorithm: Algorithm, bits: int = 2048) -> bytes:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+
+
+# --- the published key record (RFC 6376 §3.6.1) ----------------------------------------------
+
+
+def parse_tag_list(text: str) -> dict[str, str]:
+    """RFC 6376 §3.2 tag=value list: FWS around tags and values dropped, an empty last entry
+    (a trailing `;`) allowed. ValueError for an entry without `=`, or a tag given twice (the
+    whole list is then invalid)."""
+    tags: dict[str, str] = {}
+    entries = text.split(";")
+    if entries and not entries[-1].strip():
+        entries.pop()
+    for entry in entries:
+        name, eq, value = entry.partition("=")
+        name = name.strip(" \t\r\n")
+        if not eq or not name:
+            raise ValueError(f"{entry.strip()!r} is not tag=value")
+        if name in tags:
+            raise ValueError(f"tag {name}= given twice")
+        tags[name] = value.strip(" \t\r\n")
+    return tags
+
+
+def check_published(key: SigningKey, records: list[bytes]) -> tuple[bool, str]:
+    """Does what DNS holds at key.dns_name let a verifier check this key's signatures?
+    `records`: each TXT record there, its strings joined. (ok, what to tell the admin)."""
+    if not records:
+        return False, f"no TXT record at {key.dns_name}"
+    if len(records) > 1:
+        # §3.6.2.2: TXT records must be unique for a selector; with several, results are undefined
+        return False, f"{len(records)} TXT records at {key.dns_name}; publish exactly one"
+    try:
+        tags = parse_tag_list(records[0].decode("ascii"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        return False, f"not a DKIM key record: {exc}"
+    if "v" in tags and tags["v"] != "DKIM1":
+        return False, f"v={tags['v']}: not a DKIM key record"
+    if "v" in tags and next(iter(tags)) != "v":
+        return False, "v=DKIM1 must be the first tag"
+    if tags.get("k", "rsa") != key.algorithm.key_type:
+        return False, f"k={tags.get('k', 'rsa')}, but the key is {key.algorithm.key_type}"
+    if "h" in tags and "sha256" not in [h.strip() for h in tags["h"].split(":")]:
+        return False, f"h={tags['h']} does not allow sha256"
+    if "s" in tags and not {"*", "email"} & {s.strip() for s in tags["s"].split(":")}:
+        return False, f"s={tags['s']}: not for email"
+    if "p" not in tags:
+        return False, "no p= tag"
+    p = "".join(tags["p"].split())
+    if not p:
+        return False, "p= is empty: the key is revoked"
+    try:
+        published = base64.b64decode(p, validate=True)
+    except binascii.Error:
+        return False, "p= is not base64"
+    if published != base64.b64decode(key.public_key_b64()) and not _same_rsa_key(key, published):
+        return False, "p= is a different key (the record does not match this private key)"
+    flags = {f.strip() for f in tags.get("t", "").split(":")}
+    if "y" in flags:
+        return True, "ok (t=y: testing mode; receivers may treat signatures as unsigned)"
+    return True, "ok"
+
+
+def _same_rsa_key(key: SigningKey, published: bytes) -> bool:
+    """An RSA p= may hold the bare RSAPublicKey (PKCS#1) instead of SubjectPublicKeyInfo;
+    verifiers accept both."""
+    if not isinstance(key.key, rsa.RSAPrivateKey):
+        return False
+    try:
+        loaded = serialization.load_der_public_key(published)
+    except (ValueError, UnsupportedAlgorithm):
+        return False
+    return (
+        isinstance(loaded, rsa.RSAPublicKey)
+        and loaded.public_numbers() == key.key.public_key().public_numbers()
+    )
