@@ -619,11 +619,42 @@ class PostfixInstance:
         self.stop_seconds = time.monotonic() - t0
 
     def reload(self, timeout: float = 10) -> None:
+        """`postfix reload`, and wait until it has taken effect for SMTP: the master has
+        re-read main.cf *and* every smtpd started before has exited. An idle smtpd (one the
+        start-up probe spawned, say) leaves only once it notices the reload, and a connection
+        it accepts before then is served with the old settings: a race a test would lose now
+        and then."""
+        old = self._smtpd_pids()
         mark = self.log_mark()
         proc = self._postfix("reload", timeout=timeout)
         if proc.returncode != 0:
             raise PostfixError(f"postfix reload failed:\n{proc.stdout}{proc.stderr}")
         self.wait_for_log(r"reload -- version", timeout=timeout, since=mark)
+        deadline = time.monotonic() + timeout
+        while old & self._smtpd_pids():
+            if time.monotonic() > deadline:
+                raise PostfixError(f"smtpd processes {sorted(old)} still run after reload")
+            time.sleep(0.02)
+
+    def _smtpd_pids(self) -> set[int]:
+        """The smtpd processes of this instance's master (its children named smtpd)."""
+        master = self.master_pid()
+        if master is None:
+            return set()
+        found = set()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            name = stat[stat.index("(") + 1 : stat.rindex(")")]
+            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+            if ppid == master and name == "smtpd":
+                found.add(int(entry))
+        return found
 
     def cleanup(self) -> None:
         """Stop and remove the temp directory."""
