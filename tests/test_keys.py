@@ -202,6 +202,10 @@ def published(rsa1024: rsa.RSAPrivateKey) -> tuple[SigningKey, str]:
         ("v=DKIM1; p={p}; p={p}", False, "not a DKIM key record: tag p= given twice", False),
         ("v=DKIM1; k=rsa", False, "no p= tag", False),
         ("v=DKIM1; p=not*base64", False, "p= is not base64", False),
+        ("v=DKIM1; k=RSA; p={p}", False, "k=RSA: write it in lower case", False),
+        ("v=DKIM1; h=SHA256; p={p}", False, "h=SHA256: write it in lower case", True),
+        ("v=DKIM1; s=Email; p={p}", False, "s=Email: write it in lower case", False),
+        ("v=DKIM1; s=*; p={p}", True, "ok", True),
         ("v=spf1 -all", False, "v=spf1 -all: not a DKIM key record", False),
         ("hello", False, "not a DKIM key record: 'hello' is not tag=value", False),
     ],
@@ -209,9 +213,9 @@ def published(rsa1024: rsa.RSAPrivateKey) -> tuple[SigningKey, str]:
 def test_published_record_checks(
     published: tuple[SigningKey, str], record: str, ok: bool, says: str, dkimpy: bool
 ) -> None:
-    """`dkimpy`: whether dkimpy verifies with this record. It agrees with us but on two
-    records that RFC 6376 §3.6.1 rules out and dkimpy lets pass: v= not first (a MUST for
-    the publisher), and h= without sha256 (which verifiers must then refuse)."""
+    """`dkimpy`: whether dkimpy verifies with this record. It agrees with us but where it is
+    laxer than RFC 6376 §3.6.1: v= not first (a MUST for the publisher), and h= (dkimpy does
+    not read it; verifiers must refuse a hash it does not list)."""
     key, p = published
     other = SigningKey.load("example.com", "s1", generate_key(Algorithm.RSA_SHA256, 1024))
     public = key.key.public_key()
@@ -236,6 +240,25 @@ def test_published_record_checks(
     fields, _ = split_message(message)
     signed = signer.sign(fields)[0] + message
     assert dkim.verify(signed, dnsfunc=lambda name, timeout=5: txt.encode()) is dkimpy
+
+
+def test_published_ed25519_record() -> None:
+    """RFC 8463 §4.2: k=ed25519 and the bare 32-byte key. The usual mistakes get a line that
+    says what to change, not just "wrong"."""
+    key = SigningKey.load("football.example.com", "brisbane", RFC8463_ED25519_SEED)
+    raw = key.public_key_b64()
+    spki = base64.b64encode(
+        key.key.public_key().public_bytes(ser.Encoding.DER, ser.PublicFormat.SubjectPublicKeyInfo)
+    ).decode()
+    assert check_published(key, [f"v=DKIM1; k=ed25519; p={raw}".encode()]) == (True, "ok")
+    ok, why = check_published(key, [f"v=DKIM1; p={raw}".encode()])
+    assert not ok and why == "no k= tag (which means k=rsa), but the key is ed25519: add k=ed25519"
+    ok, why = check_published(key, [f"v=DKIM1; k=ed25519; p={spki}".encode()])
+    assert not ok and why.startswith("p= holds this key as SubjectPublicKeyInfo")
+    assert check_published(key, ["v=DKIM1; k=ed25519; p=\u00e9".encode()]) == (
+        False,
+        "not a DKIM key record: it holds non-ASCII octets",
+    )
 
 
 def test_published_record_missing_or_ambiguous(published: tuple[SigningKey, str]) -> None:

@@ -111,8 +111,13 @@ def _read(path: str) -> bytes:
         raise UsageError(f"{path}: {exc.strerror}") from None
 
 
+_QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"')
+
+
 def _records(args: argparse.Namespace) -> dict[bytes, bytes]:
-    """--record NAME=TXT and --records FILE (lines NAME=TXT, the TXT optionally quoted)."""
+    """--record NAME=TXT and --records FILE (lines NAME=TXT). A TXT that starts with a quote
+    is taken as zone-file strings, `"v=DKIM1; k=rsa; " "p=MIIB..."`: each quoted string, joined
+    (as DNS joins the strings of one record)."""
     items = list(args.record or [])
     if args.records:
         items += [line for line in _read(args.records).decode().splitlines() if line.strip()]
@@ -122,8 +127,8 @@ def _records(args: argparse.Namespace) -> dict[bytes, bytes]:
         if not eq:
             raise UsageError(f"record {item!r}: expected NAME=TXT")
         txt = txt.strip()
-        if len(txt) >= 2 and txt[0] == txt[-1] == '"':
-            txt = txt[1:-1]
+        if txt.startswith('"'):
+            txt = "".join(re.sub(r"\\(.)", r"\1", part) for part in _QUOTED.findall(txt))
         records[name.strip().rstrip(".").lower().encode()] = txt.encode()
     return records
 
@@ -246,7 +251,9 @@ def _txt_lookup(records: dict[bytes, bytes], resolver: Any = None) -> Callable[[
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return []
         except dns.exception.DNSException as exc:
-            raise OSError(f"DNS lookup failed: {type(exc).__name__}") from None
+            # its text names the server and what it answered (SERVFAIL, REFUSED, a timeout)
+            detail = " ".join(str(exc).split()) or type(exc).__name__
+            raise OSError(f"DNS lookup failed: {detail}") from None
         return [b"".join(r.strings) for r in answer]
 
     return lookup
@@ -255,8 +262,10 @@ def _txt_lookup(records: dict[bytes, bytes], resolver: Any = None) -> Callable[[
 def cmd_keys(args: argparse.Namespace) -> int:
     _, config = _load(args.config)
     keys, unreachable = _load_keys(config)
+    if (args.record or args.records) and not args.check_dns:
+        raise UsageError("--record and --records answer the lookups of --check-dns: add it")
     lookup = _txt_lookup(_records(args)) if args.check_dns else None
-    bad_dns = 0
+    bad_dns = unknown_dns = 0
     if not len(keys):
         print("no keys found")
     for domain in sorted(keys.by_domain):
@@ -266,8 +275,10 @@ def cmd_keys(args: argparse.Namespace) -> int:
             if lookup is not None:
                 try:
                     ok, why = check_published(k, lookup(k.dns_name))
-                except OSError as exc:
-                    ok, why = False, str(exc)
+                except OSError as exc:  # no answer: the record may well be right
+                    unknown_dns += 1
+                    print(f"  DNS: UNKNOWN: {exc}")
+                    continue
                 bad_dns += not ok
                 print(f"  DNS: {why}" if ok else f"  DNS: WRONG: {why}")
     for line in unreachable:
@@ -276,7 +287,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
         print(f"unusable: {line}", file=sys.stderr)
     if bad_dns:
         print(f"{bad_dns} key(s) without a matching DNS record", file=sys.stderr)
-    return 1 if (keys.problems or unreachable or bad_dns) else 0
+    if unknown_dns:
+        print(f"{unknown_dns} key(s) not checked: the DNS lookup failed", file=sys.stderr)
+    return 1 if (keys.problems or unreachable or bad_dns or unknown_dns) else 0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

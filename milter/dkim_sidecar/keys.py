@@ -268,18 +268,33 @@ def check_published(key: SigningKey, records: list[bytes]) -> tuple[bool, str]:
         # §3.6.2.2: TXT records must be unique for a selector; with several, results are undefined
         return False, f"{len(records)} TXT records at {key.dns_name}; publish exactly one"
     try:
-        tags = parse_tag_list(records[0].decode("ascii"))
-    except (UnicodeDecodeError, ValueError) as exc:
+        text = records[0].decode("ascii")
+    except UnicodeDecodeError:
+        return False, "not a DKIM key record: it holds non-ASCII octets"
+    try:
+        tags = parse_tag_list(text)
+    except ValueError as exc:
         return False, f"not a DKIM key record: {exc}"
     if "v" in tags and tags["v"] != "DKIM1":
         return False, f"v={tags['v']}: not a DKIM key record"
     if "v" in tags and next(iter(tags)) != "v":
         return False, "v=DKIM1 must be the first tag"
-    if tags.get("k", "rsa") != key.algorithm.key_type:
-        return False, f"k={tags.get('k', 'rsa')}, but the key is {key.algorithm.key_type}"
-    if "h" in tags and "sha256" not in [h.strip() for h in tags["h"].split(":")]:
-        return False, f"h={tags['h']} does not allow sha256"
-    if "s" in tags and not {"*", "email"} & {s.strip() for s in tags["s"].split(":")}:
+    want = key.algorithm.key_type
+    if "k" not in tags and want != "rsa":
+        return False, f"no k= tag (which means k=rsa), but the key is {want}: add k={want}"
+    for tag, allowed in (("k", want), ("h", "sha256"), ("s", "email")):
+        if tag not in tags:
+            continue
+        values = [v.strip() for v in tags[tag].split(":")]
+        if allowed in values or (tag == "s" and "*" in values):
+            continue
+        if allowed in [v.lower() for v in values]:
+            # some verifiers compare case-blind (OpenDKIM), others do not (dkimpy)
+            return False, f"{tag}={tags[tag]}: write it in lower case; some verifiers reject it"
+        if tag == "k":
+            return False, f"k={tags['k']}, but the key is {want}"
+        if tag == "h":
+            return False, f"h={tags['h']} does not allow sha256"
         return False, f"s={tags['s']}: not for email"
     if "p" not in tags:
         return False, "no p= tag"
@@ -290,12 +305,28 @@ def check_published(key: SigningKey, records: list[bytes]) -> tuple[bool, str]:
         published = base64.b64decode(p, validate=True)
     except binascii.Error:
         return False, "p= is not base64"
-    if published != base64.b64decode(key.public_key_b64()) and not _same_rsa_key(key, published):
-        return False, "p= is a different key (the record does not match this private key)"
+    if published != base64.b64decode(key.public_key_b64()):
+        if _same_rsa_key(key, published):
+            pass  # the bare RSAPublicKey form: verifiers take it too
+        elif _wrapped_ed25519(key, published):
+            return False, (
+                "p= holds this key as SubjectPublicKeyInfo; an ed25519 record takes the bare "
+                "32-byte key (RFC 8463 §4.2): publish the record `keys` prints"
+            )
+        else:
+            return False, "p= is a different key (the record does not match this private key)"
     flags = {f.strip() for f in tags.get("t", "").split(":")}
     if "y" in flags:
         return True, "ok (t=y: testing mode; receivers may treat signatures as unsigned)"
     return True, "ok"
+
+
+def _wrapped_ed25519(key: SigningKey, published: bytes) -> bool:
+    if not isinstance(key.key, ed25519.Ed25519PrivateKey):
+        return False
+    return published == key.key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 def _same_rsa_key(key: SigningKey, published: bytes) -> bool:

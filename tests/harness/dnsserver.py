@@ -16,6 +16,7 @@ import socket
 import threading
 from collections.abc import Mapping, Sequence
 
+import dns.exception
 import dns.flags
 import dns.message
 import dns.rcode
@@ -58,7 +59,10 @@ class TxtServer:
                 continue
             except OSError:
                 return
-            query = dns.message.from_wire(data)
+            try:
+                query = dns.message.from_wire(data)
+            except dns.exception.DNSException:
+                continue  # not a DNS query: dropped, as a server would
             reply = dns.message.make_response(query)
             reply.flags |= dns.flags.AA
             question = query.question[0]
