@@ -556,7 +556,8 @@ def _budget(sm: dict[str, Any]) -> list[str]:
     if sm.get("ratio_opendkim_nostall") is not None:
         out += [
             "",
-            "OpenDKIM's 0.1" + TIMES + " is its delayed-ACK waits (about 40 ms twice a message). "
+            f"OpenDKIM's {fmt(sm.get('ratio_opendkim'))}{TIMES} is its delayed-ACK waits "
+            "(about 40 ms twice a message). "
             "With them removed (bench/nostall.c, loaded into it with LD_PRELOAD, sets "
             "TCP_NODELAY and TCP_QUICKACK on its sockets) it is CPU-bound: "
             f"{fmt(sm['ratio_opendkim_nostall'])}{TIMES} the no-milter rate, with "
@@ -570,8 +571,8 @@ def _budget(sm: dict[str, Any]) -> list[str]:
         out += [
             "",
             f"Clients outside the relay networks: Postfix used "
-            f"{fmt(sm['postfix_cpu_ms_sidecar_outside'])} ms per message (opening, negotiating "
-            f"and closing a milter connection per SMTP session) and the milter {fmt(mo)} ms: "
+            f"{fmt(sm['postfix_cpu_ms_sidecar_outside'])} ms per message (without a milter "
+            f"{fmt(sm['postfix_cpu_ms_none'])} ms) and the milter {fmt(mo)} ms: "
             f"at most {fmt(base / (pfo + mo))}{TIMES} when CPU-bound, "
             f"{fmt(base / pfo)}{TIMES} with a milter that cost nothing. With "
             "`smtpd_milter_maps` (the table `dkim-sidecar postfix-map` writes), Postfix opens "
