@@ -66,6 +66,20 @@ ssize_t read(int fd, void *buf, size_t n)
     return got;
 }
 
+/* With _FORTIFY_SOURCE, a build may call this checked variant instead of read(). */
+ssize_t __read_chk(int fd, void *buf, size_t n, size_t buflen)
+{
+    static ssize_t (*real)(int, void *, size_t, size_t);
+    ssize_t got;
+
+    if (!real)
+        real = (ssize_t (*)(int, void *, size_t, size_t))dlsym(RTLD_NEXT, "__read_chk");
+    got = real(fd, buf, n, buflen);
+    if (got > 0)
+        set_flag(fd, TCP_QUICKACK);
+    return got;
+}
+
 ssize_t recv(int fd, void *buf, size_t n, int flags)
 {
     static ssize_t (*real)(int, void *, size_t, int);
