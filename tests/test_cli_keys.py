@@ -245,7 +245,7 @@ def test_check_dns_over_real_dns_wire_format(material: dict[str, bytes]) -> None
         "servfail._domainkey.gen.example": None,
     }
     with TxtServer(zone) as server:
-        lookup = _txt_lookup({}, server.resolver())
+        lookup = _txt_lookup(None, server.resolver())
 
         def check(selector: str) -> tuple[bool, str]:
             k = SigningKey.load("gen.example", selector, material["gen"])

@@ -11,11 +11,11 @@ from dkim_sidecar.header import (
     field_value,
     from_domain,
     make_field,
-    parse_tags,
     select_headers,
     signed_domains,
     split_message,
 )
+from dkim_sidecar.keys import parse_tag_list
 
 # --- split_message -----------------------------------------------------------------------------
 
@@ -183,11 +183,11 @@ def test_from_domain_two_from_fields() -> None:
     assert _from(b" a@x.example", b" b@x.example") == FromResult(None, "multiple_from")
 
 
-# --- parse_tags, field_value, signed_domains -----------------------------------------------------
+# --- parse_tag_list, field_value, signed_domains --------------------------------------------------
 
 
-def test_parse_tags_unfolds_and_trims() -> None:
-    tags = parse_tags(
+def test_parse_tag_list_unfolds_and_trims() -> None:
+    tags, problems = parse_tag_list(
         b" v=1; a=rsa-sha256;\r\n\td=example.com; s = sel ;h=from\r\n :to;\r\n"
         b" bh=abc\r\n\tdef=; b=xyz\r\n uvw"
     )
@@ -200,15 +200,25 @@ def test_parse_tags_unfolds_and_trims() -> None:
         "bh": b"abc\tdef=",
         "b": b"xyz uvw",
     }
+    assert problems == []
 
 
-def test_parse_tags_skips_invalid_and_keeps_first_duplicate() -> None:
-    assert parse_tags(b"v=1; bad tag=1; 9x=2; =3; novalue; ok =4; a=1; a=2; e=") == {
+def test_parse_tag_list_skips_invalid_keeps_first_duplicate_and_names_both() -> None:
+    tags, problems = parse_tag_list(b"v=1; bad tag=1; 9x=2; =3; novalue; ok =4; a=1; a=2; e=")
+    assert tags == {
         "v": b"1",
         "ok": b"4",
         "a": b"1",
         "e": b"",
     }
+    # a key record with these would be refused: each is named
+    assert problems == [
+        "'bad tag=1' is not tag=value",
+        "'9x=2' is not tag=value",
+        "'=3' is not tag=value",
+        "'novalue' is not tag=value",
+        "tag a= given twice",
+    ]
 
 
 def test_field_value_unfolds_and_trims() -> None:

@@ -33,7 +33,7 @@ ALL_C = ["relaxed/relaxed", "relaxed/simple", "simple/relaxed", "simple/simple"]
 
 def tags_of(field: bytes) -> dict[str, str]:
     """Tag list of one DKIM-Signature field, values with all whitespace removed (test-side parser,
-    deliberately not header.parse_tags)."""
+    deliberately not keys.parse_tag_list)."""
     value = field.split(b":", 1)[1].decode("ascii")
     out = {}
     for part in value.split(";"):

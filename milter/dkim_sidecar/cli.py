@@ -234,11 +234,14 @@ def _load_keys(config: Config) -> tuple[KeySet, list[str]]:
     return KeySet.combine(results), unreachable
 
 
-def _txt_lookup(records: dict[bytes, bytes], resolver: Any = None) -> Callable[[str], list[bytes]]:
-    """name -> every TXT record there (strings joined): from --record/--records when given,
-    else from DNS (the system's resolver, or `resolver`, a dns.resolver.Resolver). A failed
-    lookup (timeout, SERVFAIL) raises OSError with a one-line reason."""
-    if records:
+def _txt_lookup(
+    records: dict[bytes, bytes] | None, resolver: Any = None
+) -> Callable[[str], list[bytes]]:
+    """name -> every TXT record there (strings joined): from `records` (--record/--records)
+    when given, even empty, else from DNS (the system's resolver, or `resolver`, a
+    dns.resolver.Resolver). A failed lookup (timeout, SERVFAIL) raises OSError with a
+    one-line reason."""
+    if records is not None:
         return lambda name: [records[name.encode()]] if name.encode() in records else []
     import dns.exception
     import dns.resolver
@@ -264,7 +267,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
     keys, unreachable = _load_keys(config)
     if (args.record or args.records) and not args.check_dns:
         raise UsageError("--record and --records answer the lookups of --check-dns: add it")
-    lookup = _txt_lookup(_records(args)) if args.check_dns else None
+    given = _records(args) if (args.record or args.records) else None
+    lookup = _txt_lookup(given) if args.check_dns else None
     bad_dns = unknown_dns = 0
     if not len(keys):
         print("no keys found")

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import email.utils
 import functools
-import re
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
-from .keys import KeyLoadError, check_dns_name
+from .keys import KeyLoadError, check_dns_name, parse_tag_list
 
 CRLF = b"\r\n"
 _WSP = b" \t"
@@ -148,26 +147,13 @@ def address_domain(address: str) -> str | None:
         return None
 
 
-_TAG = re.compile(rb"^\s*([A-Za-z][A-Za-z0-9_]*)\s*=(.*)$", re.S)
-
-
-def parse_tags(value: bytes) -> dict[str, bytes]:
-    """A tag=value list (RFC 6376 §3.2), values unfolded and trimmed; invalid tags skipped."""
-    tags: dict[str, bytes] = {}
-    for part in value.split(b";"):
-        m = _TAG.match(part)
-        if m:
-            tags.setdefault(m.group(1).decode("ascii"), b"".join(m.group(2).split(CRLF)).strip())
-    return tags
-
-
 def signed_domains(fields: Sequence[HeaderField]) -> set[str]:
     """d= of each DKIM-Signature that looks complete (v=1, a=, b=, bh=, d=, s=)."""
     out: set[str] = set()
     for f in fields:
         if f.name != "dkim-signature":
             continue
-        tags = parse_tags(field_value(f.raw))
+        tags, _ = parse_tag_list(field_value(f.raw))  # what it has; invalid ones are skipped
         if tags.get("v") != b"1" or not all(tags.get(t) for t in ("a", "b", "bh", "d", "s")):
             continue
         try:

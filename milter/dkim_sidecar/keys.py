@@ -202,17 +202,19 @@ class SigningKey:
         """
         return self._sign(digest)
 
-    def public_key_b64(self) -> str:
-        """The p= value: SubjectPublicKeyInfo for RSA (RFC 6376 §3.6.1), the raw 32-byte
+    def public_key_bytes(self) -> bytes:
+        """The p= key data: SubjectPublicKeyInfo for RSA (RFC 6376 §3.6.1), the raw 32-byte
         public key for Ed25519 (RFC 8463 §4.2)."""
         pub = self.key.public_key()
         if isinstance(pub, ed25519.Ed25519PublicKey):
-            raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        else:
-            raw = pub.public_bytes(
-                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
-        return base64.b64encode(raw).decode("ascii")
+            return pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return pub.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    def public_key_b64(self) -> str:
+        """The p= value."""
+        return base64.b64encode(self.public_key_bytes()).decode("ascii")
 
     @property
     def dns_name(self) -> str:
@@ -240,23 +242,30 @@ def generate_key(algorithm: Algorithm, bits: int = 2048) -> bytes:
 # --- the published key record (RFC 6376 §3.6.1) ----------------------------------------------
 
 
-def parse_tag_list(text: str) -> dict[str, str]:
-    """RFC 6376 §3.2 tag=value list: FWS around tags and values dropped, an empty last entry
-    (a trailing `;`) allowed. ValueError for an entry without `=`, or a tag given twice (the
-    whole list is then invalid)."""
-    tags: dict[str, str] = {}
-    entries = text.split(";")
+_TAG = re.compile(rb"^\s*([A-Za-z][A-Za-z0-9_]*)\s*=(.*)$", re.S)
+
+
+def parse_tag_list(value: bytes) -> tuple[dict[str, bytes], list[str]]:
+    """RFC 6376 §3.2 tag=value list, for DKIM-Signature fields (§3.5) and key records
+    (§3.6.1): tag -> value (folds removed, FWS trimmed; the first of a repeated tag), and what
+    makes the list invalid (an entry that is not tag=value, a tag given twice). A key record
+    must be refused then; a signature found in a message is read for what it has."""
+    tags: dict[str, bytes] = {}
+    problems: list[str] = []
+    entries = value.split(b";")
     if entries and not entries[-1].strip():
-        entries.pop()
+        entries.pop()  # a trailing ";"
     for entry in entries:
-        name, eq, value = entry.partition("=")
-        name = name.strip(" \t\r\n")
-        if not eq or not name:
-            raise ValueError(f"{entry.strip()!r} is not tag=value")
+        m = _TAG.match(entry)
+        if m is None:
+            problems.append(f"{entry.strip().decode('ascii', 'replace')!r} is not tag=value")
+            continue
+        name = m.group(1).decode("ascii")
         if name in tags:
-            raise ValueError(f"tag {name}= given twice")
-        tags[name] = value.strip(" \t\r\n")
-    return tags
+            problems.append(f"tag {name}= given twice")
+            continue
+        tags[name] = b"".join(m.group(2).split(b"\r\n")).strip()
+    return tags, problems
 
 
 def check_published(key: SigningKey, records: list[bytes]) -> tuple[bool, str]:
@@ -267,14 +276,12 @@ def check_published(key: SigningKey, records: list[bytes]) -> tuple[bool, str]:
     if len(records) > 1:
         # §3.6.2.2: TXT records must be unique for a selector; with several, results are undefined
         return False, f"{len(records)} TXT records at {key.dns_name}; publish exactly one"
-    try:
-        text = records[0].decode("ascii")
-    except UnicodeDecodeError:
+    if not records[0].isascii():
         return False, "not a DKIM key record: it holds non-ASCII octets"
-    try:
-        tags = parse_tag_list(text)
-    except ValueError as exc:
-        return False, f"not a DKIM key record: {exc}"
+    raw, invalid = parse_tag_list(records[0])
+    if invalid:
+        return False, f"not a DKIM key record: {invalid[0]}"
+    tags = {name: value.decode("ascii") for name, value in raw.items()}
     if "v" in tags and tags["v"] != "DKIM1":
         return False, f"v={tags['v']}: not a DKIM key record"
     if "v" in tags and next(iter(tags)) != "v":
@@ -282,20 +289,21 @@ def check_published(key: SigningKey, records: list[bytes]) -> tuple[bool, str]:
     want = key.algorithm.key_type
     if "k" not in tags and want != "rsa":
         return False, f"no k= tag (which means k=rsa), but the key is {want}: add k={want}"
-    for tag, allowed in (("k", want), ("h", "sha256"), ("s", "email")):
+    # tag, the value it must list, what to say when it does not
+    for tag, needed, wrong in (
+        ("k", want, f", but the key is {want}"),
+        ("h", "sha256", " does not allow sha256"),
+        ("s", "email", ": not for email"),
+    ):
         if tag not in tags:
             continue
         values = [v.strip() for v in tags[tag].split(":")]
-        if allowed in values or (tag == "s" and "*" in values):
+        if needed in values or (tag == "s" and "*" in values):
             continue
-        if allowed in [v.lower() for v in values]:
+        if needed in [v.lower() for v in values]:
             # some verifiers compare case-blind (OpenDKIM), others do not (dkimpy)
             return False, f"{tag}={tags[tag]}: write it in lower case; some verifiers reject it"
-        if tag == "k":
-            return False, f"k={tags['k']}, but the key is {want}"
-        if tag == "h":
-            return False, f"h={tags['h']} does not allow sha256"
-        return False, f"s={tags['s']}: not for email"
+        return False, f"{tag}={tags[tag]}{wrong}"
     if "p" not in tags:
         return False, "no p= tag"
     p = "".join(tags["p"].split())
@@ -305,7 +313,7 @@ def check_published(key: SigningKey, records: list[bytes]) -> tuple[bool, str]:
         published = base64.b64decode(p, validate=True)
     except binascii.Error:
         return False, "p= is not base64"
-    if published != base64.b64decode(key.public_key_b64()):
+    if published != key.public_key_bytes():
         if _same_rsa_key(key, published):
             pass  # the bare RSAPublicKey form: verifiers take it too
         elif _wrapped_ed25519(key, published):

@@ -64,8 +64,9 @@ KEEP_SPAM_HASH = "KEEP_SPAM"
 _B64_SPACE = re.compile(rb"\s+")
 
 
-# The widest forwarding-host network that is taken as a relay network, per IP version.
-_NARROWEST_TRUSTED = {4: 8, 6: 16}
+# The shortest prefix a forwarding host may have to be taken as a relay network, per IP
+# version: a /8 (IPv4) or a /16 (IPv6) at the widest.
+_MIN_PREFIXLEN = {4: 8, 6: 16}
 
 
 def parse_network(text: str) -> tuple[Network, bool]:
@@ -423,11 +424,11 @@ class RedisKeySource:
                     "name?); skipped"
                 )
                 continue
-            if network.prefixlen < _NARROWEST_TRUSTED[network.version]:
+            if network.prefixlen < _MIN_PREFIXLEN[network.version]:
                 # a typo ("/0", "/3") would let any client on the Internet get signatures
                 problems.append(
                     f"{where}: {what} entry {text!r} is {network}, wider than a /"
-                    f"{_NARROWEST_TRUSTED[network.version]}: not trusted to relay; skipped"
+                    f"{_MIN_PREFIXLEN[network.version]}: not trusted to relay; skipped"
                 )
                 continue
             if widened:
