@@ -7,11 +7,16 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import pytest
 
-from harness import leaks
+from harness import hostguard, leaks
 from harness.postfix import PostfixInstance, postfix_available
 from harness.sink import SmtpSink
 
 PostfixFactory = Callable[..., PostfixInstance]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """No test reads host configuration it did not create (harness/hostguard.py)."""
+    hostguard.install()
 
 
 @pytest.fixture(scope="session", autouse=True)

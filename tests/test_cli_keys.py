@@ -23,6 +23,7 @@ from dkim_sidecar import __version__
 from dkim_sidecar.cli import _txt_lookup
 from dkim_sidecar.keys import SigningKey, check_published
 from harness.dnsserver import TxtServer
+from harness.postfix import postmap_query
 from harness.redis import RedisServer, mailcow_pub_b64, seed_mailcow
 
 CLI = Path(sys.executable).parent / "dkim-sidecar"
@@ -401,6 +402,48 @@ def test_sign_then_verify_round_trip(tmp_path: Path) -> None:
     assert p.returncode == 1
 
 
+# The case of CPython's email test corpus (msg_35.txt): the header block ends without the empty
+# line, at a line that is neither a header field nor a continuation.
+NO_SEPARATOR = (
+    b"From: aperson@dom.ain\n"
+    b"To: bperson@dom.ain\n"
+    b"Subject: here's something interesting\n"
+    b"counter to RFC 2822, there's no separating newline here\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("message", "written"),
+    [
+        (
+            NO_SEPARATOR,
+            NO_SEPARATOR.replace(b"\n", b"\r\n").replace(b"\r\ncounter", b"\r\n\r\ncounter"),
+        ),
+        (
+            b"From: a@dom.ain\r\nnot a field: a space in the name\r\nmore\r\n",
+            b"From: a@dom.ain\r\n\r\nnot a field: a space in the name\r\nmore\r\n",
+        ),
+    ],
+    ids=["cpython-msg_35", "space-in-name"],
+)
+def test_sign_inserts_the_missing_empty_line_as_postfix_does(
+    tmp_path: Path, message: bytes, written: bytes
+) -> None:
+    """Never write a signature no verifier accepts: the empty line goes in, stderr says so,
+    and dkimpy verifies the output."""
+    key_file, name, txt = genkey(tmp_path, "s1", "--bits", "1024")
+    p = run("sign", "-d", "example.com", "-s", "s1", "-k", str(key_file), stdin=message)
+    out, err = p.stdout, p.stderr.decode()
+    assert p.returncode == 0, err
+    assert "ended without an empty line; inserted one" in err
+    assert out.startswith(b"DKIM-Signature:") and out.endswith(b"\r\n" + written), out
+    dns = {f"{name}.".encode(): txt.encode()}
+    assert dkim.DKIM(out).verify(dnsfunc=lambda qname, timeout=5: dns.get(qname))
+    # with the empty line already there, nothing is inserted and nothing is said
+    p = run("sign", "-d", "example.com", "-s", "s1", "-k", str(key_file), stdin=MESSAGE)
+    assert p.returncode == 0 and p.stderr == b""
+
+
 @pytest.mark.parametrize(
     ("pem", "why"),
     [
@@ -481,11 +524,7 @@ def test_milter_map_lines_write_mapped_networks_as_ipv4_once() -> None:
 
 
 def postmap(table: Path, address: str) -> str | None:
-    p = subprocess.run(
-        ["postmap", "-q", address, f"cidr:{table}"], capture_output=True, text=True, check=False
-    )
-    assert p.returncode in (0, 1), p.stderr  # 1: not found
-    return p.stdout.strip() if p.returncode == 0 else None
+    return postmap_query(f"cidr:{table}", address, table.parent / "postfix-etc")
 
 
 def test_postfix_map_is_a_table_postfix_reads(setup: tuple[Path, Path, redis.Redis]) -> None:

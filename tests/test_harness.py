@@ -7,7 +7,9 @@ import base64
 import hashlib
 import smtplib
 import socket
+import subprocess
 import time
+from pathlib import Path
 
 import dkim
 import pytest
@@ -15,7 +17,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from harness import dkimcheck
-from harness.postfix import PostfixInstance, has_ipv6_loopback
+from harness.postfix import (
+    PostfixError,
+    PostfixInstance,
+    has_ipv6_loopback,
+    postfix_available,
+    postmap_query,
+)
 from harness.sink import SinkMessage, SmtpSink
 
 SENDER = "alice@example.com"
@@ -203,6 +211,38 @@ def test_reload_applies_new_main_cf(postfix_factory) -> None:
     pf.set_main_cf({"smtpd_banner": "$myhostname ESMTP reloaded"})  # reloads
     assert _banner(pf).startswith(b"220 mta.harness.test ESMTP reloaded")
     assert _relay(pf, _message(b"after reload\r\n")).body == b"after reload\r\n"
+
+
+@pytest.mark.skipif(not postfix_available(), reason="Postfix is not installed")
+def test_postmap_query_tells_not_found_from_failure(tmp_path) -> None:
+    """A tool's failure is never read as an answer: postmap exits 1 for "not found" and for a
+    fatal error alike."""
+    table = tmp_path / "t.cidr"
+    table.write_text("192.0.2.0/24\tfound\n")
+    etc = tmp_path / "etc"
+    assert postmap_query(f"cidr:{table}", "192.0.2.9", etc) == "found"
+    assert postmap_query(f"cidr:{table}", "198.51.100.1", etc) is None
+    with pytest.raises(PostfixError, match=r"missing\.cidr"):
+        postmap_query(f"cidr:{tmp_path / 'missing.cidr'}", "192.0.2.9", etc)
+
+
+def test_host_configuration_is_out_of_reach(tmp_path) -> None:
+    """The session guard: a test that reads host configuration fails on every machine, not
+    only on a fresh one."""
+    from harness import hostguard
+
+    with pytest.raises(hostguard.HostStateError, match=r"/etc/postfix/main\.cf"):
+        open("/etc/postfix/main.cf")  # noqa: SIM115 (the open itself is what is refused)
+    with pytest.raises(hostguard.HostStateError, match=r"/etc/dkim-sidecar/config\.yml"):
+        Path("/etc/dkim-sidecar/config.yml").read_text()
+    if postfix_available():
+        p = subprocess.run(
+            ["/usr/sbin/postmap", "-q", "x", "inline:{x=y}"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert p.returncode != 0 and hostguard.NO_MAIL_CONFIG in p.stderr, p.stderr
 
 
 def test_start_stop_are_fast_and_leave_nothing(smtp_sink: SmtpSink) -> None:

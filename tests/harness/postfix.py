@@ -20,11 +20,10 @@ Traps found while building this (Postfix 3.7.11, Debian bookworm):
 2. data_directory must exist and be owned by ``mail_owner``, else the master dies on its
    lock file. The queue sub-directories need their postfix-files owners/modes (trap 9).
 3. Debian's master.cf runs most services chroot'ed (column 5 = ``y``); the chroot would
-   be the temp spool, which has no /etc/services, resolv.conf, etc. The copy here sets every
-   chroot column to ``n``. Debian's master.cf already has the ``postlog unix-dgram`` line;
-   older/Ubuntu files may not, so it is added when missing (``postfix start`` refuses to
-   run with ``maillog_file`` set and no ``postlog`` service). The ``smtp inet`` (and any
-   other ``inet``) service is replaced by explicit ``127.0.0.1:PORT`` listeners.
+   be the temp spool, which has no /etc/services, resolv.conf, etc. The harness writes its
+   own master.cf (never the host's): no chroot, the ``postlog unix-dgram`` service
+   (``postfix start`` refuses to run with ``maillog_file`` set and no ``postlog``), and
+   explicit ``127.0.0.1:PORT`` smtpd listeners instead of ``smtp inet``.
 4. ``maillog_file`` must sit under one of ``maillog_file_prefixes`` (default ``/var,
    /dev/stdout``), so the prefix list is set to the temp dir.
 5. Without ``compatibility_level`` Postfix runs in "level 0" backwards-compatibility mode
@@ -113,14 +112,15 @@ __all__ = [
     "has_ipv6_loopback",
     "postfix_available",
     "postfix_version",
+    "postmap_query",
 ]
 
 POSTFIX = "/usr/sbin/postfix"
 POSTCONF = "/usr/sbin/postconf"
-SYSTEM_MASTER_CF = Path("/etc/postfix/master.cf")
-
-# Used when /etc/postfix/master.cf is missing: the services Postfix needs to relay.
-_FALLBACK_MASTER_CF = """\
+# The services Postfix needs to relay, none chroot'ed (trap 3); the smtpd listeners are added
+# per instance. Written here rather than copied from /etc/postfix/master.cf: a test reads no host
+# configuration it did not create.
+_MASTER_CF = """\
 pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
 qmgr      unix  n       -       n       300     1       qmgr
@@ -291,39 +291,6 @@ def _xtext(value: str) -> str:
     return "".join(out)
 
 
-def _adjust_master_cf(text: str, listeners: Iterable[str]) -> str:
-    """Copy of a master.cf: chroot off everywhere, inet services replaced by ``listeners``,
-    postlog service ensured."""
-    out: list[str] = []
-    skipping = False
-    have_postlog = False
-    for line in text.splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            if not skipping:
-                out.append(line)
-            continue
-        if line[0].isspace():  # continuation (-o options) of the previous entry
-            if not skipping:
-                out.append(line)
-            continue
-        fields = line.split()
-        skipping = False
-        if len(fields) < 8:
-            out.append(line)
-            continue
-        if fields[1] == "inet":
-            skipping = True
-            continue
-        if fields[0] == "postlog" and fields[1] == "unix-dgram":
-            have_postlog = True
-        fields[4] = "n"
-        out.append(" ".join(fields))
-    if not have_postlog:
-        out.append("postlog   unix-dgram n  -       n       -       1       postlogd")
-    out.extend(listeners)
-    return "\n".join(out) + "\n"
-
-
 def _format_main_cf(params: Mapping[str, str]) -> str:
     lines = []
     for key, value in params.items():
@@ -331,6 +298,40 @@ def _format_main_cf(params: Mapping[str, str]) -> str:
             raise ValueError(f"main.cf value for {key} contains a newline")
         lines.append(f"{key} = {value}")
     return "\n".join(lines) + "\n"
+
+
+def _compatibility_level() -> str:
+    """Trap 5: the level that turns off Postfix's backwards-compatibility mode and warnings."""
+    return "3.6" if postfix_version() >= (3, 6) else "2"
+
+
+def postmap_query(table: str, key: str, config_dir: Path) -> str | None:
+    """``postmap -q KEY TABLE`` with a config directory of the test's own: the value, or None
+    when the table has no entry for KEY.
+
+    Every Postfix tool reads ``main.cf``; without ``-c`` that is the host's
+    /etc/postfix/main.cf, which a machine with Postfix installed as "No configuration" does
+    not have. postmap exits 1 both for "not found" and for a fatal error, so only an exit 1
+    with nothing on stderr means "not found"; anything else raises.
+    """
+    config_dir.mkdir(parents=True, exist_ok=True)
+    main_cf = config_dir / "main.cf"
+    if not main_cf.exists():
+        main_cf.write_text(_format_main_cf({"compatibility_level": _compatibility_level()}))
+        past = time.time() - 10  # trap 15
+        os.utime(main_cf, (past, past))
+    p = subprocess.run(
+        ["/usr/sbin/postmap", "-c", str(config_dir), "-q", key, table],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=10,
+    )
+    if p.returncode == 0 and not p.stderr:
+        return p.stdout.strip()
+    if p.returncode == 1 and not p.stdout and not p.stderr:
+        return None
+    raise PostfixError(f"postmap -q {key} {table} exited {p.returncode}: {p.stderr.strip()}")
 
 
 # -- the instance ----------------------------------------------------------------------
@@ -385,8 +386,7 @@ class PostfixInstance:
     # -- configuration ---------------------------------------------------------------
 
     def main_cf_params(self) -> dict[str, str]:
-        version = postfix_version()
-        compat = "3.6" if version >= (3, 6) else "2"
+        compat = _compatibility_level()
         mynetworks = ["127.0.0.0/8", "[::1]/128", *self.extra_mynetworks]
         interfaces = "127.0.0.1, [::1]" if self.ipv6 else "127.0.0.1"
         params: dict[str, str] = {
@@ -458,13 +458,7 @@ class PostfixInstance:
         self.data_dir.mkdir(mode=0o700, exist_ok=True)
         pw = pwd.getpwnam("postfix")
         os.chown(self.data_dir, pw.pw_uid, pw.pw_gid)  # trap 2
-        try:
-            master_text = SYSTEM_MASTER_CF.read_text()
-        except OSError:
-            master_text = _FALLBACK_MASTER_CF
-        (self.config_dir / "master.cf").write_text(
-            _adjust_master_cf(master_text, self._listeners())
-        )
+        (self.config_dir / "master.cf").write_text(_MASTER_CF + "\n".join(self._listeners()) + "\n")
         self._write_main_cf()
 
     def _write_main_cf(self) -> None:
