@@ -14,6 +14,7 @@ from dkim_sidecar.header import (
     select_headers,
     signed_domains,
     split_message,
+    with_body_separator,
 )
 from dkim_sidecar.keys import parse_tag_list
 
@@ -69,6 +70,40 @@ def test_split_message_a_line_that_is_no_field_starts_the_body() -> None:
     fields, body = split_message(b"From: a@example.com\r\nthis is not a field\r\nmore\r\n")
     assert [f.name for f in fields] == ["from"]
     assert body == b"this is not a field\r\nmore\r\n"
+
+
+@pytest.mark.parametrize(
+    "line", [b"two words: x", b"\x7fdel: x", b": no name", b"na\xefve: x", b"\x01ctl: x"]
+)
+def test_split_message_a_line_whose_name_is_no_field_name_starts_the_body(line: bytes) -> None:
+    """RFC 5322 §2.2: a field name is printable US-ASCII but the colon; a blank only before
+    the colon (§4.5.1)."""
+    fields, body = split_message(b"From: a@example.com\r\n" + line + b"\r\n")
+    assert [f.name for f in fields] == ["from"]
+    assert body == line + b"\r\n"
+
+
+@pytest.mark.parametrize(
+    ("message", "repaired"),
+    [
+        (b"From: a\r\nSubject: s\r\nbody line\r\n", b"From: a\r\nSubject: s\r\n\r\nbody line\r\n"),
+        (b"just a body\r\n", b"\r\njust a body\r\n"),
+        (b"From: a\r\n folded\r\nno field\r\n", b"From: a\r\n folded\r\n\r\nno field\r\n"),
+    ],
+)
+def test_with_body_separator_inserts_the_empty_line_where_the_body_starts(
+    message: bytes, repaired: bytes
+) -> None:
+    assert with_body_separator(message) == (repaired, True)
+    assert with_body_separator(repaired) == (repaired, False)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [b"", b"From: a\r\n", b"From: a", b"From: a\r\n\r\nbody\r\n", b"\r\nbody\r\n", b"\r\n"],
+)
+def test_with_body_separator_leaves_a_well_formed_message_alone(message: bytes) -> None:
+    assert with_body_separator(message) == (message, False)
 
 
 def test_split_message_empty_and_headerless() -> None:

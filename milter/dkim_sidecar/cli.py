@@ -19,7 +19,7 @@ from typing import Any
 from . import __version__
 from .canon import Canonicalization
 from .config import Config, ConfigError, IPNetwork, load_config, mapped_ipv4
-from .header import split_message
+from .header import split_message, with_body_separator
 from .keys import Algorithm, KeyLoadError, SigningKey, check_published, generate_key
 from .keystore import KeySet, SourceUnavailable
 from .signer import MessageSigner, SigningPolicy
@@ -86,7 +86,14 @@ def cmd_sign(args: argparse.Namespace) -> int:
         policy = SigningPolicy(canon, headers, frozenset(oversign), args.expire)
     except ValueError as exc:
         raise UsageError(f"--headers: {exc}") from None
-    message = to_crlf(sys.stdin.buffer.read())
+    message, inserted = with_body_separator(to_crlf(sys.stdin.buffer.read()))
+    if inserted:
+        print(
+            "dkim-sidecar sign: the header block ended without an empty line; inserted one "
+            "before the first line that is no header field (as Postfix does), which now "
+            "starts the body",
+            file=sys.stderr,
+        )
     fields, body = split_message(message)
     signer = MessageSigner(keys, policy, int(time.time()))
     signer.update(body)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import email.utils
 import functools
+import re
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
@@ -15,6 +16,9 @@ from .keys import KeyLoadError, check_dns_name, parse_tag_list
 
 CRLF = b"\r\n"
 _WSP = b" \t"
+# RFC 5322 §2.2 field-name = 1*ftext (printable US-ASCII but ":"), and §4.5.1's obsolete
+# white space before the colon. Anything else is no header field (Postfix's is_header agrees).
+_FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
 
 
 class HeaderField(NamedTuple):
@@ -35,7 +39,7 @@ def split_message(message: bytes) -> tuple[list[HeaderField], bytes]:
     """Split a CRLF message into header fields and body (RFC 5322 §2.1).
 
     A line that is neither a field nor a continuation ends the header (as the MTA would treat
-    it, it belongs to the body then).
+    it, it belongs to the body then; see with_body_separator).
     """
     fields: list[HeaderField] = []
     pos = 0
@@ -50,15 +54,31 @@ def split_message(message: bytes) -> tuple[list[HeaderField], bytes]:
             last = fields[-1]
             fields[-1] = HeaderField(last.name, last.raw + line)
         else:
-            colon = line.find(b":")
-            if colon <= 0:
+            name = _FIELD_NAME.match(line)
+            if name is None:
                 return fields, message[pos:]
             raw = line if line.endswith(CRLF) else line + CRLF
             fields.append(
-                HeaderField(raw[:colon].decode("ascii", "replace").rstrip(" \t").lower(), raw)
+                HeaderField(raw[: name.end() - 1].decode("ascii").rstrip(" \t").lower(), raw)
             )
         pos = end
     return fields, b""
+
+
+def with_body_separator(message: bytes) -> tuple[bytes, bool]:
+    """The message with the empty line that must end its header block (RFC 5322 §2.1), and
+    whether it had to be inserted.
+
+    Where a line that is neither a field nor a continuation follows the header fields, Postfix's
+    cleanup inserts the empty line before it, so that line is body. A signer must do the same
+    before it signs, or it writes a message whose header block every verifier parses
+    differently from the signer: no verifier would accept the signature.
+    """
+    _, body = split_message(message)
+    head = message[: len(message) - len(body)]
+    if not body or head == CRLF or head.endswith(CRLF + CRLF):
+        return message, False
+    return head + CRLF + body, True
 
 
 def select_headers(
