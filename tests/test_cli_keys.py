@@ -530,7 +530,7 @@ def postmap(table: Path, address: str) -> str | None:
 def test_postfix_map_is_a_table_postfix_reads(setup: tuple[Path, Path, redis.Redis]) -> None:
     """Relay networks from the config and Mailcow's forwarding hosts (KEEP_SPAM) from Redis;
     Postfix's own postmap finds the milters for those clients and nothing for others."""
-    from harness.redis import seed_forwarding_host
+    from harness.redis import seed_forwarding_host, seed_forwarding_name
 
     config, _, client = setup
     data = yaml.safe_load(config.read_text())
@@ -539,16 +539,24 @@ def test_postfix_map_is_a_table_postfix_reads(setup: tuple[Path, Path, redis.Red
     config.write_text(yaml.safe_dump(data))
     seed_forwarding_host(client, "198.51.100.0/28", keep_spam=True)
     seed_forwarding_host(client, "203.0.113.9", keep_spam=False)  # spam filter on: not ours
+    # typed as a name: Mailcow stored that domain's networks, someone else's
+    seed_forwarding_name(client, "mail.example.org", ["198.51.100.128/25"], keep_spam=True)
     p = run("postfix-map", "--config", str(config), env={"REDISPASS": PASSWORD})
     out, err = text(p)
     assert p.returncode == 0, err
+    p = run("keys", "--config", str(config), env={"REDISPASS": PASSWORD})
+    _, keys_err = text(p)
+    assert p.returncode == 1
+    assert "198.51.100.128/25 were expanded by Mailcow from the host name 'mail.example.org'" in (
+        keys_err
+    )
     table = config.parent / "milters.cidr"
     table.write_text(out)
     from dkim_sidecar.cli import DEFAULT_MAP_MILTERS
 
     for inside in ("192.0.2.77", "2001:db8:1::25", "198.51.100.3"):
         assert postmap(table, inside) == DEFAULT_MAP_MILTERS
-    for outside in ("192.0.3.1", "198.51.100.16", "203.0.113.9", "2001:db8:2::1"):
+    for outside in ("192.0.3.1", "198.51.100.16", "198.51.100.130", "203.0.113.9", "2001:db8:2::1"):
         assert postmap(table, outside) is None
 
 

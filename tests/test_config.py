@@ -975,11 +975,12 @@ def test_is_relay_matches_ipaddress(
         assert config.is_relay(str(addr6)) == any(addr6 in n for n in networks if n.version == 6)
 
 
-def test_valkey_era_mailcow_password_is_used_when_redispass_is_empty() -> None:
+def test_the_default_password_is_mailcows_redispass_and_nothing_else() -> None:
+    """Mailcow runs Redis (no Valkey): REDISPASS, and no fallback to another variable."""
     source = parse_config({"keys": {"redis": {}}}, "c.yml", {}).keys.redis
     assert source is not None
-    assert source.resolve_password({"REDISPASS": "", "VALKEYPASS": "v"}) == "v"
     assert source.resolve_password({"REDISPASS": "r", "VALKEYPASS": "v"}) == "r"
+    assert source.resolve_password({"REDISPASS": "", "VALKEYPASS": "v"}) is None
     assert source.resolve_password({}) is None
 
 

@@ -38,7 +38,7 @@ from dkim_sidecar.keystore import (
     SourceUnavailable,
     TableKeySource,
 )
-from dkim_sidecar.redis_source import RedisKeySource
+from dkim_sidecar.redis_source import NetworksFrom, RedisKeySource
 from dkim_sidecar.signer import MessageSigner, SigningPolicy
 from harness.redis import (
     RedisServer,
@@ -46,6 +46,7 @@ from harness.redis import (
     mailcow_pub_b64,
     seed_ed25519,
     seed_forwarding_host,
+    seed_forwarding_name,
     seed_mailcow,
 )
 
@@ -574,6 +575,42 @@ def test_redis_networks_from_keep_spam(
     assert any("'relay.example.net' is not an IP address" in p for p in result.problems)
     assert any("'203.0.113.7/24' has host bits set" in p for p in result.problems)
     assert any("'192.0.2.99' is not a forwarding host" in p for p in result.problems)
+
+
+# What Mailcow's UI stores when the admin types "gmail.com" as a forwarding host: that domain's
+# outgoing networks from its SPF record (documentation ranges stand in for Google's here).
+EXPANDED_V4 = ["192.0.2.0/25", "198.51.100.0/24"]
+EXPANDED_V6 = ["2001:db8:4860::/48"]
+
+
+@pytest.mark.parametrize("networks_from", ["forwarding_hosts", "keep_spam"])
+def test_redis_forwarding_hosts_typed_as_a_name_are_never_relay_networks(
+    redis_server: RedisServer,
+    admin: redis.Redis,
+    sources: list[RedisKeySource],
+    networks_from: NetworksFrom,
+) -> None:
+    """Typing a domain expands it into someone else's networks: any user of that provider
+    could then have mail signed as ours. Only entries typed as the network itself count."""
+    seed_forwarding_name(admin, "gmail.com", EXPANDED_V4 + EXPANDED_V6, keep_spam=True)
+    seed_forwarding_name(admin, "relay.example.net", ["203.0.113.64/26"], keep_spam=True)
+    seed_forwarding_host(admin, "203.0.113.9", keep_spam=True)  # typed as an address
+    seed_forwarding_host(admin, "2001:db8:9::/64", keep_spam=True)  # typed as a network
+    admin.hset("WHITELISTED_FWD_HOST", "192.0.2.200", " 192.0.2.200 ")  # Mailcow trims the key
+    admin.hset("KEEP_SPAM", "192.0.2.200", "1")
+    result = redis_source(redis_server, sources, networks_from=networks_from).load()
+    assert [str(n) for n in result.networks] == [
+        "192.0.2.200/32",
+        "203.0.113.9/32",
+        "2001:db8:9::/64",
+    ]
+    # one problem per name typed, naming every network skipped for it
+    assert len(result.problems) == 2, result.problems
+    gmail = next(p for p in result.problems if "'gmail.com'" in p)
+    for network in EXPANDED_V4 + EXPANDED_V6:
+        assert network in gmail
+    assert "expanded by Mailcow from the host name" in gmail and "skipped" in gmail
+    assert any("'relay.example.net'" in p and "203.0.113.64/26" in p for p in result.problems)
 
 
 def test_redis_networks_off_by_default(

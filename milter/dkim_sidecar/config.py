@@ -520,8 +520,7 @@ class RedisSource:
     def resolve_password(self, env: Mapping[str, str] = os.environ) -> str | None:
         """Read the password now (at connect time): the file if configured, else the
         environment variable; None when the variable is unset or empty (a Redis without
-        requirepass). With the default name, an empty REDISPASS falls back to VALKEYPASS
-        (Mailcow after its move from Redis to Valkey).
+        requirepass).
 
         Raises PasswordError (naming the file or variable, never the value).
         """
@@ -530,8 +529,6 @@ class RedisSource:
         name = self.password_env
         if name is None:
             return None
-        if not env.get(name) and name == "REDISPASS":
-            name = "VALKEYPASS"
         if not env.get(name):
             return None
         return read_password(name, None, env)

@@ -17,9 +17,15 @@ Ed25519 key side by side (dual signing).
 
 Forwarding hosts (`data/web/inc/functions.fwdhost.inc.php`) can be taken as extra relay networks:
 
-    WHITELISTED_FWD_HOST  <IP or CIDR> -> what the admin typed (a host name is resolved by
-                                          Mailcow when added: its A/AAAA, MX or SPF addresses)
+    WHITELISTED_FWD_HOST  <IP or CIDR> -> what the admin typed: the same IP or CIDR, or a host
+                                          name that Mailcow expanded into that domain's outgoing
+                                          networks (`get_outgoing_hosts_best_guess`: its SPF,
+                                          MX or A/AAAA addresses), one field each
     KEEP_SPAM             <IP or CIDR> -> "1" when the spam filter is off for that host
+
+Only a field whose value is its own IP or CIDR becomes a relay network: a host the admin runs.
+The networks expanded from a name are someone else's (typing `gmail.com` stores Google's
+outgoing ranges): every user of that provider could have mail signed as ours.
 
 Only read commands are sent: AUTH when connecting, then HGETALL and HMGET (plus SELECT when
 `db` is not 0; no CLIENT SETINFO). Mailcow's Redis has one user (`default`, password
@@ -31,7 +37,6 @@ that may only read what it needs instead (the tests prove that this is enough), 
 with `+select` added when `db` is not 0, and key patterns that cover the hash names if they
 are not the defaults.
 
-Newer Mailcow runs Valkey (`valkey-mailcow`, password `VALKEYPASS`): same protocol, same hashes.
 The password never appears in an error text, a log line or an exception chain.
 """
 
@@ -256,7 +261,7 @@ class RedisKeySource:
             else:
                 text = (
                     f"{where}: authentication failed (check the password: REDISPASS in "
-                    "mailcow.conf, VALKEYPASS on Mailcow with Valkey)"
+                    "mailcow.conf)"
                 )
         elif isinstance(exc, redis.exceptions.BusyLoadingError):
             text = f"{where}: Redis is still loading its data set; will try again"
@@ -414,8 +419,13 @@ class RedisKeySource:
                 hosts.append(host)
             what = KEEP_SPAM_HASH
         found: dict[Network, None] = {}
+        expanded: dict[str, list[str]] = {}  # typed name -> the networks Mailcow stored for it
         for host in sorted(hosts):
             text = _text(host)
+            typed = _text(f.fwd_hosts.get(host, b"")).strip()
+            if typed != text.strip():
+                expanded.setdefault(typed, []).append(text)
+                continue
             try:
                 network, widened = parse_network(text)
             except ValueError:
@@ -438,6 +448,12 @@ class RedisKeySource:
                     "Mailcow does"
                 )
             found[network] = None
+        for typed, networks in sorted(expanded.items()):
+            problems.append(
+                f"{where}: {what} entries {', '.join(networks)} were expanded by Mailcow from "
+                f"the host name {typed!r}: another domain's networks, not hosts you run; "
+                "skipped (add a relay host as its IP address or network)"
+            )
         return sorted(found, key=lambda n: (n.version, int(n.network_address), n.prefixlen))
 
 

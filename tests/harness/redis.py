@@ -48,6 +48,7 @@ __all__ = [
     "mailcow_pub_b64",
     "seed_ed25519",
     "seed_forwarding_host",
+    "seed_forwarding_name",
     "seed_mailcow",
 ]
 
@@ -314,3 +315,13 @@ def seed_forwarding_host(
         client.hset("KEEP_SPAM", host, 1)
     else:
         client.hdel("KEEP_SPAM", host)
+
+
+def seed_forwarding_name(
+    client: redis.Redis, name: str, networks: list[str], *, keep_spam: bool
+) -> None:
+    """Store a forwarding host typed as a host NAME, as Mailcow's `fwdhost('add')` does: it
+    expands the name into that domain's outgoing networks (`get_outgoing_hosts_best_guess`)
+    and stores each of them with the name typed as its value."""
+    for network in networks:
+        seed_forwarding_host(client, network, keep_spam=keep_spam, source=name)
