@@ -14,7 +14,10 @@ Three layers, cheapest first:
    `--read-only --tmpfs /tmp --cap-drop ALL`.
 3. Signing through the container: a milter client on loopback (the `miltertest` package),
    the DKIM-Signature checked with dkimpy; then `docker compose up --wait` of the skeleton +
-   override with a Redis stand-in seeded the way Mailcow stores DKIM keys.
+   override with a Redis stand-in seeded the way Mailcow stores DKIM keys, our checkout in
+   data/dkim-sidecar/ and our image removed first: Compose must build it from there (as after
+   a restore, on a cold standby or after `docker image prune -a`), and `docker compose pull`
+   (Mailcow's update.sh) must skip it, never look for it in a registry.
 
 Everything the engine needs lives in one temp dir (a tmpfs when one can be mounted; removed at
 the end); dockerd is stopped by its PID. The debootstrap tarball is cached in
@@ -70,6 +73,9 @@ PROJECT = "mailcowdockerized"  # Mailcow's COMPOSE_PROJECT_NAME
 NETWORK = f"{PROJECT}_mailcow-network"
 SERVICE = "dkim-sidecar-mailcow"
 IMAGE = "dkim-sidecar:latest"
+# Where docs/mailcow.md puts our checkout, relative to the Mailcow directory: the override's
+# default build context (DKIM_SIDECAR_SRC moves it).
+CHECKOUT = "data/dkim-sidecar"
 BASE_IMAGE = "debian:trixie-slim"
 SIDECAR_UID = 10001
 
@@ -287,6 +293,20 @@ def check_merged_config(merged: dict[str, Any], redispass: str) -> list[str]:
         problems.append("does not depend on redis-mailcow")
     if service.get("restart") != "always":
         problems.append("restart is not always")
+    # The image's life: built here from the checkout when missing, never pulled (a pull of
+    # our name would ask Docker Hub, where it is somebody else's; the default policy `missing`
+    # does, on `up` without the image and on every `docker compose pull`).
+    if service.get("image") != IMAGE:
+        problems.append(f"image is {service.get('image')!r}, expected {IMAGE!r}")
+    if service.get("pull_policy") != "never":
+        problems.append(f"pull_policy is {service.get('pull_policy')!r}, expected 'never'")
+    context = (service.get("build") or {}).get("context")
+    if not context:
+        problems.append("no build: Compose cannot make a missing image")
+    elif not (Path(context).is_absolute() and context.endswith("/" + CHECKOUT)):
+        problems.append(f"build context {context!r}, expected <Mailcow directory>/{CHECKOUT}")
+    if "VALKEYPASS" in (service.get("environment") or {}):
+        problems.append("VALKEYPASS passed in: Mailcow runs Redis, its password is REDISPASS")
     mounts = {v.get("target"): v for v in service.get("volumes") or []}
     config_mount = mounts.get("/etc/dkim-sidecar")
     if not config_mount or not config_mount.get("read_only"):
@@ -304,6 +324,17 @@ def test_compose_override_merges_into_mailcow() -> None:
     assert merged["services"]["redis-mailcow"]["networks"]["mailcow-network"]["aliases"] == [
         "redis"
     ]
+
+
+def test_compose_build_context_follows_the_mailcow_directory_or_dkim_sidecar_src() -> None:
+    merged = compose_config([SKELETON, OVERRIDE], {"REDISPASS": "x"}, project_dir=REPO)
+    build = merged["services"][SERVICE]["build"]
+    assert build["context"] == str(REPO / CHECKOUT), build
+    assert build.get("dockerfile", "Dockerfile") == "Dockerfile", build
+    moved = compose_config(
+        [SKELETON, OVERRIDE], {"REDISPASS": "x", "DKIM_SIDECAR_SRC": "/srv/dkim-sidecar"}
+    )
+    assert moved["services"][SERVICE]["build"]["context"] == "/srv/dkim-sidecar"
 
 
 def test_merged_config_check_catches_an_external_network(tmp_path: Path) -> None:
@@ -1142,6 +1173,10 @@ class Stack:
     directory: Path
     env: dict[str, str]
     engine: Engine
+    # What the fixture saw on the way up, for the tests to judge: `docker compose pull` of our
+    # service and `docker compose up` while our image was missing.
+    pull_missing: subprocess.CompletedProcess[str] | None = None
+    up_missing: subprocess.CompletedProcess[str] | None = None
 
     def compose(
         self,
@@ -1207,6 +1242,8 @@ def mailcow_stack(
     (directory / "data" / "conf" / "dkim-sidecar").mkdir(parents=True)
     shutil.copy(SKELETON, directory / "docker-compose.yml")
     shutil.copy(OVERRIDE, directory / "docker-compose.override.yml")
+    # Our checkout where the docs put it (the working tree, as the image fixture built it).
+    shutil.copytree(REPO, directory / CHECKOUT, ignore=_not_in_a_checkout, symlinks=True)
     (directory / "data" / "conf" / "redis" / "redis-conf.sh").write_text(REDIS_CONF_SH)
     config = yaml.safe_load(DEFAULT_CONFIG.read_text(encoding="utf-8"))
     config["relay_networks"] = [RELAY_NETWORK]  # the admin's step: their senders
@@ -1219,6 +1256,9 @@ def mailcow_stack(
         "TZ": "UTC",
         "IPV4_NETWORK": _free_ipv4_prefix(),
         "REDIS_PORT": f"127.0.0.1:{free_port()}",
+        # No buildx on the test machines: Compose builds with the classic builder, like the
+        # image fixture (whose layers it reuses: same Dockerfile, same sources).
+        "DOCKER_BUILDKIT": "0",
     }
     stack = Stack(directory, env, engine)
     started = time.monotonic()
@@ -1250,15 +1290,39 @@ def mailcow_stack(
             test_key.pem.decode("ascii"),
         )
         redis("HSET", "DKIM_PUB_KEYS", test_key.domain, test_key.public_b64)
-        up = stack.compose("up", "-d", "--wait", "--wait-timeout", "90", timeout=150, check=False)
+        # Our image gone, as on a new host, a restored or cold-standby one, or after
+        # `docker image prune -a`. (--force: the image fixture's container may still run from
+        # it, then this only removes the name, which is what Compose looks for; --no-prune
+        # keeps the layers, so the build below is quick.)
+        engine.docker("image", "rm", "--force", "--no-prune", IMAGE)
+        assert engine.docker("image", "inspect", IMAGE, check=False).returncode != 0
+        # Mailcow's update.sh runs `docker compose pull` (no flags), the cold standby
+        # `docker compose pull --quiet`: for our service that must do nothing and succeed.
+        # (All services cannot be pulled here: there is no registry for Mailcow's images.)
+        stack.pull_missing = stack.compose("pull", SERVICE, check=False, timeout=60)
+        up = stack.compose("up", "-d", "--wait", "--wait-timeout", "90", timeout=300, check=False)
+        stack.up_missing = up
         if up.returncode != 0:
             pytest.fail(f"compose up --wait failed:\n{up.stdout}{up.stderr}\n{stack.logs()}")
-        engine.timings["compose up"] = time.monotonic() - started
+        engine.timings["compose build + up"] = time.monotonic() - started
         yield stack
     finally:
         stopping = time.monotonic()
         stack.compose("down", "-v", "--timeout", "10", check=False, timeout=120)
         engine.timings["compose down"] = time.monotonic() - stopping
+
+
+def _not_in_a_checkout(directory: str, names: list[str]) -> set[str]:
+    """What a fresh `git clone` would not have (build and cache leftovers, the local venv)."""
+    skip = {
+        n
+        for n in names
+        if n in {"__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache", ".hypothesis"}
+        or n.endswith((".pyc", ".egg-info"))
+    }
+    if Path(directory) == REPO:
+        skip |= {".git", ".venv", "demo", ".stamps", "build", "dist"} & set(names)
+    return skip
 
 
 def _container_of(stack: Stack, service: str) -> str:
@@ -1296,3 +1360,41 @@ def test_mailcow_stack_signs_with_the_key_from_redis(
     assert_signed_and_valid(result, test_key, mailcow_stack.logs())
     outside = milter_transaction((ip, 8891), OUTSIDE_CLIENT, MESSAGE)
     assert outside.signatures() == []
+
+
+def test_mailcow_stack_builds_our_missing_image_and_never_pulls_it(
+    engine: Engine, mailcow_stack: Stack
+) -> None:
+    """The fixture removed our image, ran `docker compose pull` of our service (as update.sh
+    does), then `up`: the pull skipped it, `up` built it from data/dkim-sidecar/ instead of
+    failing or asking a registry, and the service runs (healthy: the test above)."""
+    pull = mailcow_stack.pull_missing
+    assert pull is not None and mailcow_stack.up_missing is not None
+    said = pull.stdout + pull.stderr
+    assert pull.returncode == 0, said
+    assert "Skipped" in said and "Pulling" not in said, said
+    up = mailcow_stack.up_missing.stdout + mailcow_stack.up_missing.stderr
+    assert re.search(rf"{SERVICE}\s+Built", up) and "Pulling" not in up, up
+
+    image = engine.inspect(IMAGE)
+    labels = image["Config"]["Labels"]
+    # Compose labels what it builds: this is its image, not the image fixture's.
+    assert "com.docker.compose.image.builder" in labels, labels
+    assert labels["org.opencontainers.image.title"] == "dkim-sidecar"
+    assert engine.inspect(_container_of(mailcow_stack, SERVICE))["Image"] == image["Id"]
+
+    # Once the image is there: `pull` still skips it, and `up` uses it as it is, even with the
+    # checkout gone (a restore that lacks it still starts; only image AND checkout missing
+    # together fail, which docs/mailcow.md warns about).
+    again = mailcow_stack.compose("pull", SERVICE, check=False, timeout=60)
+    assert again.returncode == 0 and "Skipped" in again.stdout + again.stderr, again
+    checkout = mailcow_stack.directory / CHECKOUT
+    away = checkout.with_name(checkout.name + ".away")
+    checkout.rename(away)
+    try:
+        rerun = mailcow_stack.compose("up", "-d", "--wait", "--wait-timeout", "60", check=False)
+    finally:
+        away.rename(checkout)
+    said = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0 and "Build" not in said and "Pulling" not in said, said
+    assert engine.inspect(IMAGE)["Id"] == image["Id"]
