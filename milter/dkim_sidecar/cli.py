@@ -304,6 +304,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from .peers import MtaPeers, unguarded_listen_warning
+
     path, config = _load(args.config)
     keys, unreachable = _load_keys(config)
     problems = [f"unreachable: {u}" for u in unreachable] + [
@@ -311,6 +313,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     ]
     for line in problems:
         print(line, file=sys.stderr)
+    warning = unguarded_listen_warning(config)
+    if warning is not None:
+        print(f"warning: {warning}", file=sys.stderr)
+    if config.mta_peers is not None:
+        peers = MtaPeers(config.mta_peers)
+        peers.resolve()  # a name that does not resolve is logged; the sidecar retries it
+        print(f"mta_peers: {peers.describe()}")
     print(
         f"{path or '<built-in defaults>'}: config OK; {len(keys)} keys for "
         f"{len(keys.by_domain)} domains" + (f", {len(problems)} problems" if problems else "")

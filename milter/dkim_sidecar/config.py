@@ -645,6 +645,8 @@ class Config:
     limits: Limits = Limits()
     keys: KeysConfig = KeysConfig()
     relay_networks_from_mailcow: MailcowNetworks | None = None
+    # the MTAs that may connect (networks, and host names resolved at run time); None: anyone
+    mta_peers: tuple[IPNetwork | str, ...] | None = None
     metrics: MetricsConfig = MetricsConfig()
     log_format: LogFormat = LogFormat.TEXT
     log_level: LogLevel = LogLevel.INFO
@@ -976,6 +978,38 @@ def _networks(at: _At, value: object) -> tuple[IPNetwork, ...] | None:
     return tuple(n for n in result if n is not None)
 
 
+def _peer(value: object) -> IPNetwork | str:
+    """An MTA peer: an address or network (as in relay_networks), or a host name."""
+    try:
+        return _network(value)
+    except _Invalid as exc:
+        if "host bits" in str(exc):
+            raise
+    try:
+        host = _host(value)
+        if host.rpartition(".")[2].isdigit():  # RFC 3696 §2: no all-numeric top label
+            raise _Invalid(host)
+    except _Invalid:
+        raise _Invalid(
+            f"{_show(value)} is not an IP address, network or host name (e.g. postfix-mailcow, "
+            "172.22.1.253, 10.0.0.0/24)"
+        ) from None
+    return host.lower()
+
+
+def _peers(at: _At, value: object) -> tuple[IPNetwork | str, ...] | None:
+    if value is None:
+        return None  # unset: any peer (a warning says so where it matters)
+    items = _list(at, value, "addresses, networks or host names (e.g. [postfix-mailcow])")
+    if items is None:
+        return None
+    if not items:
+        at.error("is empty: no MTA could connect (leave it unset to allow any peer)")
+        return None
+    result = [_convert(at.index(i), item, _peer) for i, item in enumerate(items)]
+    return tuple(dict.fromkeys(p for p in result if p is not None))
+
+
 def _header_names(at: _At, value: object) -> tuple[str, ...] | None:
     """Lowercased, duplicates dropped, order kept; None (reported) when not a list."""
     items = _list(at, value, "header names")
@@ -1142,6 +1176,7 @@ _TOP: dict[str, Parser] = {
     "limits": _limits,
     "keys": _keys,
     "relay_networks_from_mailcow": _field(_optional(_choice(MailcowNetworks))),
+    "mta_peers": _peers,
     "metrics": _metrics,
     "log_format": _field(_choice(LogFormat)),
     "log_level": _field(_choice(LogLevel)),

@@ -103,6 +103,11 @@ class Metrics:
         self.connections_open = Gauge(
             p + "milter_connections_open", "Milter connections from the MTA now open", registry=r
         )
+        self.connections_refused = Counter(
+            p + "milter_connections_refused_total",
+            "Milter connections closed at accept: the peer is not in mta_peers",
+            registry=r,
+        )
         self.ready = Gauge(
             p + "ready", "1 when the milter listens and a key snapshot is loaded", registry=r
         )

@@ -103,10 +103,14 @@ def split_header(message: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
 class MilterClient:
     """One milter connection, as an MTA sees it."""
 
-    def __init__(self, address: str, timeout: float = 30.0) -> None:
+    def __init__(self, address: str, timeout: float = 30.0, source: str | None = None) -> None:
+        """Connect to `address` (inet:HOST:PORT, inet6:[ADDR]:PORT, unix:/path), from the
+        local address `source` when given (the milter sees it as the MTA's address)."""
         family, addr = parse_address(address)
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
+        if source is not None:
+            self.sock.bind((source, 0))
         self.sock.connect(addr)  # type: ignore[arg-type]
         if family != socket.AF_UNIX:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

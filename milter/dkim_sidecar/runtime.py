@@ -26,6 +26,7 @@ from .keystore import (
 )
 from .logs import event
 from .metrics import Metrics
+from .peers import MtaPeers, unguarded_listen_warning
 from .signer import SigningPolicy
 
 log = logging.getLogger("dkim_sidecar")
@@ -136,6 +137,8 @@ class Controller:
         self._slots_built = False
         self.keys_loaded_once = False
         self.current = Runtime.build(config, KeySet())
+        # who may connect; its names are resolved by the first refresh, off the start-up path
+        self.peers = MtaPeers(config.mta_peers)
         self.listening = False
 
     # --- key sources ---------------------------------------------------------------------
@@ -203,7 +206,9 @@ class Controller:
         return keys, all_ok
 
     def refresh_keys(self) -> bool:
-        """Reload the keys of the current config; returns True when every source answered."""
+        """Reload the keys of the current config (and resolve the mta_peers names again);
+        returns True when every source answered."""
+        self.peers.resolve()
         with self._lock:
             old = self.current
             if not self._slots_built:
@@ -269,6 +274,10 @@ class Controller:
                     setting=name,
                 )
             config = _keep_restart_settings(old.config, config)
+            if config.mta_peers != old.config.mta_peers:  # applies to the next connection
+                peers = MtaPeers(config.mta_peers, previous=self.peers)
+                peers.resolve()
+                self.peers = peers
             slots = self._make_slots(config, self._slots)
             keys, all_ok = self._load_slots(slots)
             self._slots, self._slots_built = slots, True
@@ -284,6 +293,9 @@ class Controller:
                 generation=self._generation,
                 relay_networks=len(config.relay_networks),
             )
+            warning = unguarded_listen_warning(config)
+            if warning is not None:
+                event(logging.WARNING, warning)
             self._wake.set()  # the refresh interval may have changed
             return True
 

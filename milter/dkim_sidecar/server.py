@@ -29,10 +29,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import math
 import os
 import socket
 import stat
+import time
 from collections.abc import Callable
 from typing import cast
 
@@ -82,6 +85,7 @@ _FIRST_SIZE = 16 * 1024  # a connection's read buffer at first: a small message 
 _READ_SIZE = 256 * 1024  # it grows up to this (more only for a larger packet)
 _MIN_ROOM = 4096  # room offered to each read, at least
 
+REFUSAL_LOG_SECONDS = 60.0  # a refused peer is logged at most this often
 IDLE_TIMEOUT = 600.0  # seconds a connection may stay silent (libmilter's was 600 here too)
 _SWEEP = 30.0
 
@@ -116,6 +120,12 @@ class MilterConnection(asyncio.BufferedProtocol):
             # the previous one is still delayed would wait ~40 ms for it
             # (uvloop and asyncio set it too; test_operate reads it off the live socket)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        # the peer of the connection itself, never an address a packet claims (peers.py);
+        # a unix socket's peers are governed by its file mode
+        if isinstance(peer, tuple) and not self.server.controller.peers.allows(peer[0]):
+            self.server.admit_later(self, peer[0])
+            return
         self.server.opened(self)
 
     @property
@@ -399,6 +409,35 @@ def _remove_socket(path: str) -> None:
             os.unlink(path)
 
 
+def _any_address_socket(port: int | None) -> socket.socket:
+    """`inet6:[::]:PORT`: one socket for both address families (IPV6_V6ONLY off; an IPv4 peer
+    shows as ::ffff:a.b.c.d, which mta_peers matches as IPv4). asyncio would make it IPv6-only.
+    Where the kernel has no IPv6 (a container on a network without it), IPv4 only, said once:
+    an MTA that finds no listener would pass its mail unsigned."""
+    assert port is not None
+    try:
+        return _bound(socket.AF_INET6, "::", port)
+    except OSError as exc:
+        if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+            raise
+        event(logging.WARNING, "no IPv6 here; listening on IPv4 only", error=exc.strerror)
+    return _bound(socket.AF_INET, "0.0.0.0", port)
+
+
+def _bound(family: int, host: str, port: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
 class MilterServer:
     """The listening socket and the connections on it."""
 
@@ -412,6 +451,10 @@ class MilterServer:
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._listen: Listen | None = None
+        # unknown peers held (not read from) while the mta_peers names are resolved again
+        self._resolving: asyncio.Future[None] | None = None
+        self._held: list[tuple[MilterConnection, str]] = []
+        self._refusal_logged: dict[str, float] = {}  # peer -> when its refusal was last logged
 
     def current(self) -> Runtime:
         return self.controller.current
@@ -424,6 +467,57 @@ class MilterServer:
         if conn in self.connections:
             self.connections.discard(conn)
             self.metrics.connections_open.dec()
+
+    # --- who may connect (mta_peers) ------------------------------------------------------
+
+    def admit_later(self, conn: MilterConnection, ip: str) -> None:
+        """A peer not (yet) in mta_peers: if resolving the names again is due, hold the
+        connection unread until that is done, then decide; else refuse it now. Nothing is
+        read or written before the decision."""
+        if self._resolving is None and not self.controller.peers.may_retry():
+            self.refuse(conn, ip)
+            return
+        assert conn.transport is not None
+        conn.transport.pause_reading()
+        self._held.append((conn, ip))
+        if self._resolving is None:
+            loop = asyncio.get_running_loop()
+            self._resolving = loop.run_in_executor(None, self.controller.peers.resolve)
+            self._resolving.add_done_callback(self._resolved)
+
+    def _resolved(self, future: asyncio.Future[None]) -> None:
+        self._resolving = None
+        if not future.cancelled() and future.exception() is not None:
+            log.error("resolving mta_peers failed", exc_info=future.exception())
+        held, self._held = self._held, []
+        peers = self.controller.peers  # a reload may have replaced it meanwhile
+        for conn, ip in held:
+            if conn._closed or conn.transport is None:
+                continue
+            if peers.allows(ip):
+                self.opened(conn)
+                conn.transport.resume_reading()
+            else:
+                self.refuse(conn, ip)
+
+    def refuse(self, conn: MilterConnection, ip: str) -> None:
+        """Close a connection from a peer outside mta_peers: counted each time, logged at most
+        once a minute per peer."""
+        self.metrics.connections_refused.inc()
+        now = time.monotonic()
+        logged = self._refusal_logged
+        if now - logged.get(ip, -math.inf) >= REFUSAL_LOG_SECONDS:
+            if len(logged) >= 1024:  # many peers: forget the ones logged over a minute ago
+                for old in [k for k, t in logged.items() if now - t >= REFUSAL_LOG_SECONDS]:
+                    del logged[old]
+            logged[ip] = now
+            event(
+                logging.WARNING,
+                "milter connection refused: the peer is not in mta_peers",
+                peer=ip,
+                allowed=self.controller.peers.describe(),
+            )
+        conn._drop()
 
     def in_progress(self) -> int:
         return sum(1 for c in self.connections if c.session.in_progress)
@@ -443,6 +537,10 @@ class MilterServer:
             # owner and group only: whoever can connect can ask for signatures (Postfix's user
             # needs the group, or the same user)
             os.chmod(listen.path, 0o660)
+        elif listen.kind is ListenKind.INET6 and listen.host == "::":
+            self._server = await loop.create_server(
+                factory, sock=_any_address_socket(listen.port), backlog=511
+            )
         else:
             family = socket.AF_INET6 if listen.kind is ListenKind.INET6 else socket.AF_INET
             assert listen.port is not None
@@ -466,8 +564,9 @@ class MilterServer:
             self._server.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
-        for conn in list(self.connections):
+        for conn in [*self.connections, *(c for c, _ in self._held)]:
             conn._drop()
+        self._held.clear()
         await asyncio.sleep(0)  # let the transports run connection_lost
         listen = self._listen
         if listen is not None and listen.kind is ListenKind.UNIX and listen.path:

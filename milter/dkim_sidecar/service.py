@@ -20,6 +20,7 @@ from .canon import scan_helper
 from .config import Config, ListenKind
 from .logs import event
 from .metrics import Metrics, serve_http
+from .peers import unguarded_listen_warning
 from .runtime import Controller
 from .server import MilterServer
 from .session import MessageReport, Reason
@@ -123,6 +124,9 @@ class Service:
             # the body path: the C helper's SIMD level, or "python" if it did not build
             body_scan=scan_helper.SIMD if scan_helper is not None else "python",
         )
+        warning = unguarded_listen_warning(config)
+        if warning is not None:
+            event(logging.WARNING, warning)
         if config.metrics.listen is not None:
             ml = config.metrics.listen
             family = socket.AF_INET6 if ml.kind is ListenKind.INET6 else socket.AF_INET

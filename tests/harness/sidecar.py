@@ -48,9 +48,16 @@ class Sidecar:
     """One dkim-sidecar process under a temp dir."""
 
     def __init__(
-        self, workdir: Path, config: dict[str, Any], env: dict[str, str] | None = None
+        self,
+        workdir: Path,
+        config: dict[str, Any],
+        env: dict[str, str] | None = None,
+        hosts: Path | None = None,
     ) -> None:
+        """`hosts`: a file the process sees as /etc/hosts (a mount namespace of its own), so a
+        test controls what host names resolve to, as Docker's DNS would."""
         self.dir = workdir
+        self.hosts = hosts
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.metrics_port = free_port()
@@ -89,8 +96,22 @@ class Sidecar:
         env.update(self.env)
         env["PYTHONUNBUFFERED"] = "1"
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        argv = [sys.executable, "-m", "dkim_sidecar.cli", "run", "--config", str(self.config_path)]
+        if self.hosts is not None:
+            # unshare and sh exec into the sidecar: the PID stays the sidecar's
+            argv = [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                'mount --bind "$0" /etc/hosts && exec "$@"',
+                str(self.hosts),
+                *argv,
+            ]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dkim_sidecar.cli", "run", "--config", str(self.config_path)],
+            argv,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -184,14 +205,22 @@ class Sidecar:
 
     # --- driving it as an MTA ----------------------------------------------------------------
 
-    def client(self) -> MilterClient:
-        c = MilterClient(self.milter, timeout=30)
+    def client(self, source: str | None = None) -> MilterClient:
+        c = MilterClient(self.milter, timeout=30, source=source)
         c.negotiate()
         return c
 
-    def send(self, message: bytes, client_ip: str = "192.0.2.10", **kw: Any) -> Result:
-        """One connection, one message: the Result says what the milter did."""
-        with self.client() as c:
+    def send(
+        self,
+        message: bytes,
+        client_ip: str = "192.0.2.10",
+        *,
+        source: str | None = None,
+        **kw: Any,
+    ) -> Result:
+        """One connection (from the local address `source`, if given), one message: the
+        Result says what the milter did."""
+        with self.client(source) as c:
             r = c.connect(client_ip)
             if r != "continue":
                 return Result(r, "connect", message=message)
