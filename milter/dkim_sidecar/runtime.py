@@ -274,10 +274,12 @@ class Controller:
                     setting=name,
                 )
             config = _keep_restart_settings(old.config, config)
-            if config.mta_peers != old.config.mta_peers:  # applies to the next connection
-                peers = MtaPeers(config.mta_peers, previous=self.peers)
-                peers.resolve()
-                self.peers = peers
+            # resolved before the swap: the next connection meets a complete table
+            peers = self.peers
+            if config.mta_peers != old.config.mta_peers:
+                peers = MtaPeers(config.mta_peers, previous=peers)
+            peers.resolve()
+            self.peers = peers
             slots = self._make_slots(config, self._slots)
             keys, all_ok = self._load_slots(slots)
             self._slots, self._slots_built = slots, True

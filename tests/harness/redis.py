@@ -17,6 +17,8 @@ The ``seed_*`` helpers mirror Mailcow's PHP (mailcow-dockerized):
   An import first deletes the domain's old entries (`dkim('delete')`), so do we.
 - ``data/web/inc/functions.fwdhost.inc.php``: ``WHITELISTED_FWD_HOST[host]`` = what the admin
   typed; ``KEEP_SPAM[host]`` = ``1`` when the spam filter is off for that host.
+- ``data/web/inc/functions.mailbox.inc.php``: ``DOMAIN_MAP[domain]`` = ``1`` for every domain
+  and alias domain Mailcow hosts (rspamd's MAILCOW_DOMAIN_HEADER_FROM reads it).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ __all__ = [
     "RedisServer",
     "free_port",
     "mailcow_pub_b64",
+    "seed_domain",
     "seed_ed25519",
     "seed_forwarding_host",
     "seed_forwarding_name",
@@ -325,3 +328,8 @@ def seed_forwarding_name(
     and stores each of them with the name typed as its value."""
     for network in networks:
         seed_forwarding_host(client, network, keep_spam=keep_spam, source=name)
+
+
+def seed_domain(client: redis.Redis, domain: str) -> None:
+    """Mark a domain as hosted by Mailcow, as adding a domain (or alias domain) in the UI does."""
+    client.hset("DOMAIN_MAP", domain, 1)
