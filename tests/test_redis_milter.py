@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import os
 import re
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -653,3 +656,57 @@ def test_redis_unavailable_at_start(tmp_path: Path, keys: Keys, trouble: str) ->
         if admin is not None:
             admin.close()
         srv.close()
+
+
+# -- relay networks that Mailcow's rspamd would reject ---------------------------------------------
+
+
+def test_relay_networks_outside_forwarding_hosts_are_named_and_counted(
+    tmp_path: Path, keys: Keys
+) -> None:
+    """A relay network that is no Mailcow forwarding host gets its mail rejected by rspamd
+    (SPOOFED_UNAUTH) before the sidecar is asked: the log, check-config and a metric say so,
+    and stop saying so once the admin adds it. A forwarding host typed as a name counts too:
+    rspamd whitelists every network in the hash."""
+    from harness.redis import seed_forwarding_host, seed_forwarding_name
+
+    with RedisServer(password=PASSWORD) as srv:
+        admin = srv.client()
+        keys.gen.seed(admin)
+        seed_forwarding_host(admin, "192.0.2.0/24", keep_spam=True)
+        seed_forwarding_name(admin, "relay.example.net", ["203.0.113.0/25"], keep_spam=False)
+        config = sidecar_config(srv.port)
+        config["relay_networks"] = [
+            "192.0.2.16/28",  # inside a forwarding host
+            "198.51.100.7/32",  # in no forwarding host
+            "203.0.113.64/26",  # inside the networks Mailcow expanded from a name
+            "2001:db8:7::/48",  # in no forwarding host
+            "127.0.0.1/32",  # Postfix's own container: never an rspamd client
+        ]
+        name = "dkim_sidecar_relay_networks_outside_forwarding_hosts"
+        with running(tmp_path / "s", config, {"REDISPASS": PASSWORD}) as s:
+            metric_until(s, name, 2)
+            s.wait_log("relay network 198.51.100.7/32 is not a Mailcow forwarding host")
+            s.wait_log("relay network 2001:db8:7::/48 is not a Mailcow forwarding host")
+            assert "192.0.2.16/28 is not" not in s.log() and "203.0.113.64/26 is not" not in s.log()
+            p = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "dkim_sidecar.cli",
+                    "check-config",
+                    "--config",
+                    str(s.config_path),
+                ],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "REDISPASS": PASSWORD},
+                timeout=60,
+                check=False,
+            )
+            warned = [x for x in p.stderr.splitlines() if "not a Mailcow forwarding host" in x]
+            assert len(warned) == 2 and "rspamd will reject" in warned[0], p.stderr
+            seed_forwarding_host(admin, "198.51.100.7", keep_spam=False)
+            seed_forwarding_host(admin, "2001:db8::/32", keep_spam=False)
+            metric_until(s, name, 0)
+        admin.close()

@@ -296,11 +296,21 @@ def cmd_keys(args: argparse.Namespace) -> int:
         print(f"unreachable: {line}", file=sys.stderr)
     for line in keys.problems:
         print(f"unusable: {line}", file=sys.stderr)
+    _warn_outside_forwarding_hosts(config, keys)
     if bad_dns:
         print(f"{bad_dns} key(s) without a matching DNS record", file=sys.stderr)
     if unknown_dns:
         print(f"{unknown_dns} key(s) not checked: the DNS lookup failed", file=sys.stderr)
     return 1 if (keys.problems or unreachable or bad_dns or unknown_dns) else 0
+
+
+def _warn_outside_forwarding_hosts(config: Config, keys: KeySet) -> None:
+    from .runtime import forwarding_host_warning, outside_forwarding_hosts
+
+    if keys.forwarding_hosts is None:
+        return  # no Mailcow Redis read: nothing known about forwarding hosts
+    for network in outside_forwarding_hosts(config.relay_networks, keys.forwarding_hosts):
+        print(f"warning: {forwarding_host_warning(network)}", file=sys.stderr)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -316,6 +326,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     warning = unguarded_listen_warning(config)
     if warning is not None:
         print(f"warning: {warning}", file=sys.stderr)
+    _warn_outside_forwarding_hosts(config, keys)
     if config.mta_peers is not None:
         peers = MtaPeers(config.mta_peers)
         peers.resolve()  # a name that does not resolve is logged; the sidecar retries it

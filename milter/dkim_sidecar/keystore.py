@@ -35,6 +35,9 @@ class SourceResult:
     problems: tuple[str, ...] = ()
     # Extra relay networks found by the source (Mailcow forwarding hosts), if asked for.
     networks: tuple[Network, ...] = ()
+    # Every network Mailcow's rspamd whitelists as a forwarding host (whatever was typed), or
+    # None when the source cannot tell: a relay network outside them gets rejected by rspamd.
+    forwarding_hosts: tuple[Network, ...] | None = None
 
 
 class KeySource(Protocol):
@@ -57,13 +60,17 @@ class KeySet:
     by_domain: Mapping[str, tuple[SigningKey, ...]] = field(default_factory=dict)
     problems: tuple[str, ...] = ()
     networks: tuple[Network, ...] = ()
+    forwarding_hosts: tuple[Network, ...] | None = None
 
     @classmethod
     def combine(cls, results: Iterable[SourceResult]) -> KeySet:
         by_domain: dict[str, tuple[SigningKey, ...]] = {}
         problems: list[str] = []
         networks: list[Network] = []
+        forwarding: list[Network] | None = None
         for result in results:
+            if result.forwarding_hosts is not None:
+                forwarding = [*(forwarding or ()), *result.forwarding_hosts]
             found: dict[str, list[SigningKey]] = {}
             for key in result.keys:
                 found.setdefault(key.domain, []).append(key)
@@ -74,7 +81,12 @@ class KeySet:
                     by_domain[domain] = tuple(keys)
             problems.extend(result.problems)
             networks.extend(result.networks)
-        return cls(by_domain, tuple(problems), tuple(networks))
+        return cls(
+            by_domain,
+            tuple(problems),
+            tuple(networks),
+            None if forwarding is None else tuple(forwarding),
+        )
 
     def lookup(
         self, domain: str, parent_fallback: bool = False

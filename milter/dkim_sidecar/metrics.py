@@ -87,6 +87,13 @@ class Metrics:
             "When all key sources last answered",
             registry=r,
         )
+        self.relay_networks_outside_forwarding_hosts = Gauge(
+            p + "relay_networks_outside_forwarding_hosts",
+            "Relay networks that no Mailcow forwarding host covers: Mailcow's rspamd rejects "
+            "their mail with From: a Mailcow domain before the sidecar signs it (0 without "
+            "a Redis source)",
+            registry=r,
+        )
         self.redis_up = Gauge(
             p + "redis_up",
             "1 when the last read from Redis worked (no Redis source: 0)",

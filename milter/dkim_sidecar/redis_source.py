@@ -213,17 +213,23 @@ class RedisKeySource:
         pipe.hgetall(self._selectors_hash)
         if prefix:
             pipe.hgetall(prefix + "SELECTORS")
+        # Always read: which relay networks rspamd will reject as spoofers (see _build)
+        pipe.hgetall(FWD_HOSTS_HASH)
         if self._networks_from:
-            pipe.hgetall(FWD_HOSTS_HASH)
             pipe.hgetall(KEEP_SPAM_HASH)
-        replies = iter(pipe.execute())
+        replies = iter(pipe.execute(raise_on_error=False))
         f = _Fetched()
-        f.selectors = _as_hash(next(replies))
+        f.selectors = _as_hash(_raised(next(replies)))
         if prefix:
-            f.ed_selectors = _as_hash(next(replies))
+            f.ed_selectors = _as_hash(_raised(next(replies)))
+        fwd_hosts = next(replies)
         if self._networks_from:
-            f.fwd_hosts = _as_hash(next(replies))
-            f.keep_spam = _as_hash(next(replies))
+            f.fwd_hosts = _as_hash(_raised(fwd_hosts))
+            f.keep_spam = _as_hash(_raised(next(replies)))
+        elif not isinstance(fwd_hosts, redis.RedisError):
+            f.fwd_hosts = _as_hash(fwd_hosts)
+        else:  # an ACL user without ~WHITELISTED_FWD_HOST: keys still load, no warning given
+            f.fwd_hosts = None
 
         rsa_fields = [sel + b"." + dom for dom, sel in f.selectors.items()]
         rsa_domains = list(f.selectors)
@@ -345,7 +351,9 @@ class RedisKeySource:
         networks: list[Network] = []
         if self._networks_from:
             networks = self._networks(f, where, problems)
-        return SourceResult(tuple(keys), tuple(problems), tuple(networks))
+        return SourceResult(
+            tuple(keys), tuple(problems), tuple(networks), _whitelisted(f.fwd_hosts)
+        )
 
     def _loaded(
         self,
@@ -400,15 +408,16 @@ class RedisKeySource:
         return False
 
     def _networks(self, f: _Fetched, where: str, problems: list[str]) -> list[Network]:
+        fwd_hosts = f.fwd_hosts or {}  # read (or raised) whenever networks are asked for
         if self._networks_from == "forwarding_hosts":
-            hosts: Iterable[bytes] = f.fwd_hosts
+            hosts: Iterable[bytes] = fwd_hosts
             what = FWD_HOSTS_HASH
         else:
             hosts = []
             for host, value in f.keep_spam.items():
                 if value.strip() != b"1":
                     continue  # Mailcow writes "1" and deletes the field when the filter is on
-                if host not in f.fwd_hosts:
+                if host not in fwd_hosts:
                     # Mailcow deletes both fields together; a KEEP_SPAM field on its own is a
                     # leftover of a manual edit, and is no reason to trust a network
                     problems.append(
@@ -422,7 +431,7 @@ class RedisKeySource:
         expanded: dict[str, list[str]] = {}  # typed name -> the networks Mailcow stored for it
         for host in sorted(hosts):
             text = _text(host)
-            typed = _text(f.fwd_hosts.get(host, b"")).strip()
+            typed = _text(fwd_hosts.get(host, b"")).strip()
             if typed != text.strip():
                 expanded.setdefault(typed, []).append(text)
                 continue
@@ -457,6 +466,20 @@ class RedisKeySource:
         return sorted(found, key=lambda n: (n.version, int(n.network_address), n.prefixlen))
 
 
+def _whitelisted(fwd_hosts: dict[bytes, bytes] | None) -> tuple[Network, ...] | None:
+    """Every forwarding-host network as rspamd's WHITELISTED_FWD_HOST map reads the hash: all
+    its fields, typed as a network or expanded from a name alike."""
+    if fwd_hosts is None:
+        return None
+    found = []
+    for host in fwd_hosts:
+        try:
+            found.append(parse_network(_text(host))[0])
+        except ValueError:
+            continue  # not a network: rspamd's map skips it too
+    return tuple(found)
+
+
 class _Fetched:
     """The raw hash contents of one load (bytes, as Redis holds them)."""
 
@@ -468,8 +491,15 @@ class _Fetched:
         self.pub: dict[bytes, bytes | None] = {}
         self.ed_selectors: dict[bytes, bytes] = {}
         self.ed_priv: dict[bytes, bytes | None] = {}
-        self.fwd_hosts: dict[bytes, bytes] = {}
+        self.fwd_hosts: dict[bytes, bytes] | None = {}  # None: not readable (ACL)
         self.keep_spam: dict[bytes, bytes] = {}
+
+
+def _raised(reply: Any) -> Any:
+    """A pipeline reply, or the error it holds raised (execute(raise_on_error=False))."""
+    if isinstance(reply, Exception):
+        raise reply
+    return reply
 
 
 def _as_hash(reply: Any) -> dict[bytes, bytes]:

@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from . import config as cfg
@@ -114,6 +114,38 @@ _SOURCE_NAMES: dict[type, str] = {
 }
 
 
+def outside_forwarding_hosts(
+    relay_networks: Iterable[cfg.IPNetwork], forwarding_hosts: Iterable[cfg.IPNetwork]
+) -> list[cfg.IPNetwork]:
+    """The relay networks that no Mailcow forwarding host covers whole. Mailcow's rspamd sees
+    such a client as an unauthenticated stranger: mail it sends with From: a Mailcow domain and
+    a failing SPF/DMARC policy is rejected (SPOOFED_UNAUTH) before the sidecar is asked.
+    Loopback is Postfix's own container, never such a client."""
+    hosts = list(forwarding_hosts)
+    return [
+        net
+        for net in relay_networks
+        if not net.is_loopback and not any(_within(net, h) for h in hosts)
+    ]
+
+
+def _within(net: cfg.IPNetwork, outer: cfg.IPNetwork) -> bool:
+    """net.subnet_of(outer), for networks of either family."""
+    return (
+        net.version == outer.version
+        and net.prefixlen >= outer.prefixlen
+        and int(net.network_address) & int(outer.netmask) == int(outer.network_address)
+    )
+
+
+def forwarding_host_warning(network: cfg.IPNetwork) -> str:
+    return (
+        f"relay network {network} is not a Mailcow forwarding host: rspamd will reject its mail "
+        "with From: a Mailcow domain (SPOOFED_UNAUTH) before the sidecar signs it; add it in "
+        "Mailcow under Configuration > Forwarding hosts"
+    )
+
+
 class Controller:
     """Owns the current snapshot, the key refresh loop and reloads."""
 
@@ -139,6 +171,7 @@ class Controller:
         self.current = Runtime.build(config, KeySet())
         # who may connect; its names are resolved by the first refresh, off the start-up path
         self.peers = MtaPeers(config.mta_peers)
+        self._outside_forwarding_hosts: list[cfg.IPNetwork] = []  # as last logged
         self.listening = False
 
     # --- key sources ---------------------------------------------------------------------
@@ -234,6 +267,16 @@ class Controller:
         for name in _SOURCE_NAMES.values():
             m.keys_loaded.labels(name).set(counts.get(name, 0))
         m.key_problems.set(len(keys.problems))
+        outside = (
+            []
+            if keys.forwarding_hosts is None
+            else outside_forwarding_hosts(runtime.config.relay_networks, keys.forwarding_hosts)
+        )
+        m.relay_networks_outside_forwarding_hosts.set(len(outside))
+        if outside != self._outside_forwarding_hosts:
+            self._outside_forwarding_hosts = outside
+            for network in outside:
+                event(logging.WARNING, forwarding_host_warning(network))
         redis = [s for s in self._slots if s.name == "redis"]
         m.redis_up.set(1 if redis and all(s.up for s in redis) else 0)
         if set(keys.by_domain) != set(previous.by_domain) or keys.problems != previous.problems:
