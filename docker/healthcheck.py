@@ -115,7 +115,14 @@ def main() -> int:
         listen = os.environ.get("DKIM_SIDECAR_LISTEN", "").strip() or settings.get("listen")
         if not isinstance(listen, str):
             listen = DEFAULT_LISTEN
-        return 0 if check_socket(split_address(listen)) else 1
+        address = split_address(listen)
+        if check_socket(address):
+            return 0
+        if listen.strip().startswith("inet6:[::]:"):
+            # the sidecar listens on IPv4 only where the container has no IPv6
+            port = int(listen.rpartition(":")[2])
+            return 0 if check_socket((socket.AF_INET, "127.0.0.1", port)) else 1
+        return 1
     except ValueError as exc:
         print(f"healthcheck: {exc}", file=sys.stderr)
         return 1
