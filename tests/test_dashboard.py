@@ -249,3 +249,17 @@ def test_no_created_series() -> None:
     assert "_created" not in text
     names = {s.name for family in metrics.registry.collect() for s in family.samples}
     assert not {name for name in names if name.endswith("_created")}
+
+
+def test_the_readme_lists_every_metric() -> None:
+    """README's metrics table is what an admin reads first: every family the code exports is
+    in it, under the name a scrape shows (`_total` for counters), and nothing else is."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^\| `(dkim_sidecar_\w+)` \|", section, re.M))
+    catalogue = Catalogue()
+    exported = {
+        family + "_total" if family + "_total" in names else family
+        for family, names in catalogue.families.items()
+    }
+    assert listed == exported
