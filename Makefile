@@ -12,7 +12,7 @@ RUN_PACKAGES := python3 python3-venv python3-dev gcc libc6-dev ca-certificates o
 # What the tests add: a real Postfix, a real Redis, the Docker engine and debootstrap for the
 # container tests, OpenDKIM for the side-by-side benchmark.
 TEST_PACKAGES := $(RUN_PACKAGES) postfix redis-server docker.io debootstrap opendkim opendkim-tools \
-	iproute2 procps
+	iproute2 procps rspamd
 
 .PHONY: run test lint bench soak system-run system-test venv clean help
 
