@@ -13,11 +13,13 @@ Three layers, cheapest first:
    is built with the classic builder (no buildx here) and run with
    `--read-only --tmpfs /tmp --cap-drop ALL`.
 3. Signing through the container: a milter client on loopback (the `miltertest` package),
-   the DKIM-Signature checked with dkimpy; then `docker compose up --wait` of the skeleton +
-   override with a Redis stand-in seeded the way Mailcow stores DKIM keys, our checkout in
-   data/dkim-sidecar/ and our image removed first: Compose must build it from there (as after
-   a restore, on a cold standby or after `docker image prune -a`), and `docker compose pull`
-   (Mailcow's update.sh) must skip it, never look for it in a registry.
+   the DKIM-Signature checked with dkimpy; Debian trixie's Postfix 3.10 (Mailcow's Postfix
+   line; the rest of the suite has the host's 3.7) in a container, relaying a message through
+   it to a sink. Then `docker compose up --wait` of the skeleton + override with a Redis
+   stand-in seeded the way Mailcow stores DKIM keys, our checkout in data/dkim-sidecar/ and our
+   image removed first: Compose must build it from there (as after a restore, on a cold
+   standby or after `docker image prune -a`), and `docker compose pull` (Mailcow's update.sh)
+   must skip it, never look for it in a registry.
 
 Everything the engine needs lives in one temp dir (a tmpfs when one can be mounted; removed at
 the end); dockerd is stopped by its PID. The debootstrap tarball is cached in
@@ -38,6 +40,7 @@ import re
 import secrets
 import shutil
 import signal
+import smtplib
 import socket
 import struct
 import subprocess
@@ -77,6 +80,9 @@ IMAGE = "dkim-sidecar:latest"
 # default build context (DKIM_SIDECAR_SRC moves it).
 CHECKOUT = "data/dkim-sidecar"
 BASE_IMAGE = "debian:trixie-slim"
+# Debian trixie's Postfix, the 3.10 line of Mailcow's Postfix image (the rest of the suite
+# runs the host's Postfix, Debian 12's 3.7).
+POSTFIX_IMAGE = "dkim-sidecar-test/postfix:trixie"
 SIDECAR_UID = 10001
 
 ENGINE_TMPFS_SIZE = "8g"  # an upper bound; a run uses about 2 GB of it
@@ -893,6 +899,7 @@ def base_image(engine: Engine) -> str:
     # The Redis stand-in builds in the background, beside the sidecar image (it is mostly
     # waiting for apt); the redis_image fixture collects it.
     engine.start_background_build("redis", _redis_context(engine), _mailcow_redis_image())
+    engine.start_background_build("postfix", _postfix_context(engine), POSTFIX_IMAGE)
     return BASE_IMAGE
 
 
@@ -1113,6 +1120,119 @@ def test_container_signs_for_relay_clients_only(
     # A client outside the relay networks gets nothing: no signing oracle.
     outside = milter_transaction(sidecar_container.milter, OUTSIDE_CLIENT, MESSAGE)
     assert outside.signatures() == [], outside
+
+
+def _postfix_context(engine: Engine) -> Path:
+    ctx = engine.root / "postfix-ctx"
+    ctx.mkdir(exist_ok=True)
+    (ctx / "Dockerfile").write_text(
+        f"FROM {BASE_IMAGE}\n"
+        "RUN apt-get update \\\n"
+        " && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postfix \\\n"
+        " && rm -rf /var/lib/apt/lists/*\n",
+        encoding="utf-8",
+    )
+    return ctx
+
+
+@pytest.fixture(scope="session")
+def postfix_image(engine: Engine, base_image: str) -> str:
+    engine.finish_background_build("postfix", timeout=300)
+    return POSTFIX_IMAGE
+
+
+# Postfix in a container on the host network: smtpd on 127.0.0.1:$SMTP_PORT only (the default
+# smtp/inet listener on port 25 removed), everything relayed to the test's sink, the milters
+# as given under Mailcow's global `milter_default_action = tempfail`. Nothing leaves the
+# machine: no peer name lookups, the relay host is an address, XCLIENT names the client.
+POSTFIX_RUN_SH = """set -e
+postconf -e compatibility_level=3.6 myhostname=mx.example.net mydomain=example.net \\
+  mydestination= inet_interfaces=127.0.0.1 inet_protocols=ipv4 \\
+  "mynetworks=127.0.0.0/8 $RELAY_NETWORK" smtpd_authorized_xclient_hosts=127.0.0.0/8 \\
+  smtpd_peername_lookup=no "relayhost=[127.0.0.1]:$SINK_PORT" smtp_tls_security_level=none \\
+  smtpd_tls_security_level=none alias_maps= alias_database= local_recipient_maps= \\
+  maillog_file=/dev/stdout milter_default_action=tempfail "smtpd_milters=$MILTERS"
+postconf -MX smtp/inet
+postconf -M "127.0.0.1:$SMTP_PORT/inet=127.0.0.1:$SMTP_PORT inet n - n - - smtpd"
+postconf -F '*/*/chroot=n'
+exec postfix start-fg
+"""
+
+
+def _postfix_version(engine: Engine, container: str) -> str:
+    found = re.search(r"daemon started -- version ([0-9.]+)", engine.logs(container))
+    return found.group(1) if found else ""
+
+
+def test_mailcows_postfix_version_relays_through_the_container_signed(
+    engine: Engine, sidecar_container: RunningSidecar, postfix_image: str, test_key: DkimKey
+) -> None:
+    """Postfix 3.10 (Debian trixie's, the line of Mailcow's Postfix image) with the milter
+    line of config/postfix-extra.cf pointed at the sidecar container: a relay client's message
+    (its address given by XCLIENT, as Postfix would see a printer) reaches the sink signed, and
+    dkimpy verifies the signature on the bytes Postfix delivered."""
+    from harness.sink import SmtpSink
+
+    skeleton = yaml.safe_load(SKELETON.read_text(encoding="utf-8"))
+    mailcow_tag = skeleton["services"]["postfix-mailcow"]["image"].rsplit(":", 1)[1]
+    braces = postfix_extra_value("smtpd_milters").split(",", 1)[1].strip()
+    host, port = sidecar_container.milter
+    milters = braces.replace("inet:dkim-sidecar:8891", f"inet:{host}:{port}")
+    smtp_port = free_port()
+    name = "dks-postfix"
+    started = time.monotonic()
+    with SmtpSink() as sink:
+        engine.docker(
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            "host",
+            "-e",
+            f"SMTP_PORT={smtp_port}",
+            "-e",
+            f"SINK_PORT={sink.port}",
+            "-e",
+            f"RELAY_NETWORK={RELAY_NETWORK}",
+            "-e",
+            f"MILTERS={milters}",
+            postfix_image,
+            "sh",
+            "-c",
+            POSTFIX_RUN_SH,
+        )
+        try:
+            try:
+                wait_until(
+                    lambda: _postfix_version(engine, name), timeout=30, interval=0.2, what="postfix"
+                )
+            except TimeoutError:
+                pytest.fail(f"Postfix did not start\n{engine.logs(name)}")
+            version = _postfix_version(engine, name)
+            # The same major.minor as Mailcow's Postfix image (named in the skeleton).
+            assert version.split(".")[:2] == mailcow_tag.split(".")[:2], (version, mailcow_tag)
+            with smtplib.SMTP("127.0.0.1", smtp_port, timeout=30) as smtp:
+                smtp.ehlo("scanner.example.org")
+                code, reply = smtp.docmd("XCLIENT", f"ADDR={RELAY_CLIENT} NAME=scanner.example.org")
+                assert code == 220, reply
+                smtp.ehlo("scanner.example.org")
+                smtp.sendmail("scanner@example.org", ["someone@example.net"], MESSAGE)
+            try:
+                delivered = sink.wait_for(1, timeout=30)[0].data
+            except TimeoutError:
+                pytest.fail(f"nothing delivered\n{engine.logs(name)}")
+            engine.timings[f"postfix {version} up + relay"] = time.monotonic() - started
+        finally:
+            logs = engine.logs(name)
+            engine.docker("rm", "-f", name, check=False)
+    head = delivered.partition(b"\r\n\r\n")[0].decode("ascii")
+    signatures = re.findall(r"^DKIM-Signature:(.*(?:\r\n[ \t].*)*)", head, re.MULTILINE | re.I)
+    assert len(signatures) == 1, f"{head}\n{logs}"
+    tags = dkim_tags(signatures[0])
+    assert tags.get("d") == test_key.domain and tags.get("s") == test_key.selector, tags
+    assert dkim.verify(delivered, dnsfunc=test_key.dnsfunc()), f"dkimpy rejects:\n{head}"
+    assert not re.search(r"warning: .*milter", logs, re.IGNORECASE), logs
 
 
 def test_container_reloads_on_hup_and_stops_on_term(
