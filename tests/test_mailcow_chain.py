@@ -23,6 +23,7 @@ The domains: STRICT publishes ``v=spf1 -all`` and DMARC ``p=reject``; LENIENT ``
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import re
 import secrets
@@ -66,6 +67,8 @@ RCPT = "someone@elsewhere.test"  # not a Mailcow domain: relayed out, to the sin
 
 RELAY = "192.0.2.10"  # a printer
 RELAY_NETWORKS = ["192.0.2.0/28"]  # the sidecar's relay_networks
+FORWARDING_HOST = RELAY_NETWORKS[0]  # the same network, typed into Mailcow's Forwarding hosts
+REFRESH = 0.5  # the sidecar's key refresh: how soon it sees a forwarding host come or go
 MAILCOW_NET = "172.22.1.0/24"  # Mailcow's default IPV4_NETWORK: rspamd's local_addrs
 MAILCOW_NET_CLIENT = "172.22.1.7"
 # Postfix's mynetworks in this Mailcow: its own network (Mailcow's default) plus the printers,
@@ -142,7 +145,10 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
             tmp_path_factory.mktemp("sidecar"),
             {
                 "relay_networks": RELAY_NETWORKS,
-                "keys": {"redis": {"host": "127.0.0.1", "port": server.port}},
+                "keys": {
+                    "redis": {"host": "127.0.0.1", "port": server.port},
+                    "refresh_interval": REFRESH,
+                },
             },
             {"REDISPASS": PASSWORD},
         )
@@ -248,6 +254,15 @@ def forwarding_host(chain: Chain, host: str, *, keep_spam: bool) -> Iterator[Non
         chain.redis.hdel("KEEP_SPAM", host)
 
 
+def networks_rspamd_will_reject(chain: Chain, expected: float) -> float:
+    """The sidecar's own count of its relay networks that no forwarding host covers, once it
+    reads `expected` (after a key refresh)."""
+    name = "dkim_sidecar_relay_networks_outside_forwarding_hosts"
+    with contextlib.suppress(TimeoutError):
+        wait_for(lambda: chain.sidecar.metric(name) == expected, 10 * REFRESH + 5, name)
+    return chain.sidecar.metric(name)
+
+
 def assert_one_verified_signature(chain: Chain, out: Outcome, domain: str) -> None:
     assert out.delivered is not None
     assert out.signatures == [domain], out.delivered.header_block.decode(errors="replace")
@@ -265,6 +280,10 @@ def test_relay_host_only_in_mynetworks_is_rejected_by_rspamd(chain: Chain, domai
     rspamd, an outside client sending as a Mailcow domain: SPOOFED_UNAUTH (+50) rejects it.
     With p=reject the policy symbols alone (8 + 16) already pass the reject threshold of 15;
     with ~all and p=none (0.1 + 0.1) SPOOFED_UNAUTH is what rejects it."""
+    # The sidecar knows in advance: its relay network is no forwarding host, and it says so.
+    assert networks_rspamd_will_reject(chain, 1) == 1
+    warning = f"relay network {FORWARDING_HOST} is not a Mailcow forwarding host"
+    assert warning in chain.sidecar.log()
     out = send(chain, domain, RELAY, expect_delivery=False)
     assert (out.reply.stage, out.reply.code) == ("dot", 554), out.reply
     assert out.reply.message.decode().startswith("5.7.1 " + REJECT_MESSAGE), out.reply
@@ -296,13 +315,14 @@ def test_relay_host_that_is_a_forwarding_host_is_signed_by_the_sidecar(
     """Mailcow > Forwarding hosts, with the spam filter on (WHITELISTED_FWD_HOST only) or off
     (KEEP_SPAM too): rspamd lets the printer's mail through and does not sign it; the sidecar
     signs it, once, with the From: domain's Mailcow key."""
-    with forwarding_host(chain, RELAY, keep_spam=spam_filter == "off"):
+    with forwarding_host(chain, FORWARDING_HOST, keep_spam=spam_filter == "off"):
+        assert networks_rspamd_will_reject(chain, 0) == 0  # the sidecar's warning goes away
         out = send(chain, STRICT, RELAY)
     assert out.scan.action == "no action", out.scan
     assert not out.scan.has("SPOOFED_UNAUTH")
     assert not out.scan.has("DKIM_SIGNED")  # not rspamd's: it signs only auth and local mail
     if spam_filter == "on":
-        assert out.scan.has("WHITELISTED_FWD_HOST")
+        assert out.scan.symbols["WHITELISTED_FWD_HOST"] == 0.0
         # WL_FWD_HOST took the failing SPF and DMARC results, and their scores, away
         assert not out.scan.has("R_SPF_FAIL") and not out.scan.has("DMARC_POLICY_REJECT")
     else:
@@ -351,6 +371,24 @@ def test_client_on_mailcows_own_network_is_signed_by_rspamd_only(chain: Chain) -
     )
 
 
+def test_mailcow_network_in_relay_networks_is_not_signed_twice(chain: Chain) -> None:
+    """Should an admin list Mailcow's own network in relay_networks (docs/mailcow.md says
+    never), its mail still leaves with one signature: rspamd signs it first (sign_local), and
+    the sidecar, second in the chain, sees that DKIM-Signature of the From: domain."""
+    config = copy.deepcopy(chain.sidecar.config)
+    chain.sidecar.write_config({**config, "relay_networks": [*RELAY_NETWORKS, MAILCOW_NET]})
+    chain.sidecar.reload()
+    try:
+        out = send(chain, STRICT, MAILCOW_NET_CLIENT)
+    finally:
+        chain.sidecar.write_config(config)
+        chain.sidecar.reload()
+    assert out.scan.has("DKIM_SIGNED")
+    assert_one_verified_signature(chain, out, STRICT)
+    assert reason(out.sidecar_line) == "already_signed", out.sidecar_line
+    assert out.sidecar_signed == 0
+
+
 # -- e. one milter stopped -------------------------------------------------------------------------
 
 
@@ -360,7 +398,7 @@ def test_sidecar_stopped_mail_still_flows_unsigned(chain: Chain) -> None:
     assert chain.sidecar.stop() == 0
     try:
         mark = chain.postfix.log_mark()
-        with forwarding_host(chain, RELAY, keep_spam=False):
+        with forwarding_host(chain, FORWARDING_HOST, keep_spam=False):
             out = send(chain, STRICT, RELAY, expect_sidecar_line=False)
         assert out.reply.ok
         assert out.signatures == []
@@ -370,7 +408,7 @@ def test_sidecar_stopped_mail_still_flows_unsigned(chain: Chain) -> None:
     finally:
         chain.sidecar.start()
     # and signing resumes
-    with forwarding_host(chain, RELAY, keep_spam=False):
+    with forwarding_host(chain, FORWARDING_HOST, keep_spam=False):
         again = send(chain, STRICT, RELAY)
     assert_one_verified_signature(chain, again, STRICT)
 
@@ -392,6 +430,6 @@ def test_rspamd_stopped_all_mail_is_tempfailed(chain: Chain) -> None:
         assert chain.postfix.queue_files() == []
     finally:
         chain.rspamd.start()
-    with forwarding_host(chain, RELAY, keep_spam=False):
+    with forwarding_host(chain, FORWARDING_HOST, keep_spam=False):
         out = send(chain, STRICT, RELAY)
     assert_one_verified_signature(chain, out, STRICT)
