@@ -17,7 +17,8 @@ The clients, all presented by XCLIENT over one loopback connection each:
 - MAILCOW_NET_CLIENT: an address in Mailcow's own Docker network, rspamd's local_addrs.
 
 The domains: STRICT publishes ``v=spf1 -all`` and DMARC ``p=reject``; LENIENT ``~all`` and
-``p=none``. Both are Mailcow domains (DOMAIN_MAP) with a Mailcow DKIM key (selector "dkim").
+``p=none``; LISTED lists the printers' network in its SPF record, with ``p=reject``. All are
+Mailcow domains (DOMAIN_MAP) with a Mailcow DKIM key (selector "dkim").
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ if not rspamd_available():
 
 STRICT = "strict.example"  # v=spf1 -all, DMARC p=reject
 LENIENT = "lenient.example"  # v=spf1 ~all, DMARC p=none
+LISTED = "listed.example"  # v=spf1 ip4:<the printers' network> -all, DMARC p=reject
 SELECTOR = "dkim"  # Mailcow's default selector
 RCPT = "someone@elsewhere.test"  # not a Mailcow domain: relayed out, to the sink
 
@@ -115,7 +117,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
         pytest.skip("Postfix is not installed (/usr/sbin/postfix missing)")
     if os.geteuid() != 0:
         pytest.fail("this module must run as root (it starts a real Postfix master and rspamd)")
-    keys = {d: generate_key(Algorithm.RSA_SHA256, 2048) for d in (STRICT, LENIENT)}
+    keys = {d: generate_key(Algorithm.RSA_SHA256, 2048) for d in (STRICT, LENIENT, LISTED)}
     dkim_dns = {
         f"{SELECTOR}._domainkey.{d}": f"v=DKIM1; k=rsa; p={mailcow_pub_b64(pem)}"
         for d, pem in keys.items()
@@ -125,6 +127,8 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
         f"_dmarc.{STRICT}": [[b"v=DMARC1; p=reject"]],
         LENIENT: [[b"v=spf1 ~all"]],
         f"_dmarc.{LENIENT}": [[b"v=DMARC1; p=none"]],
+        LISTED: [[f"v=spf1 ip4:{RELAY_NETWORKS[0]} -all".encode()]],
+        f"_dmarc.{LISTED}": [[b"v=DMARC1; p=reject"]],
         **{name: [[txt.encode()]] for name, txt in dkim_dns.items()},
     }
     with contextlib.ExitStack() as stack:
@@ -303,6 +307,20 @@ def test_relay_host_only_in_mynetworks_is_rejected_by_rspamd(chain: Chain, domai
     assert out.sidecar_signed == 0
     time.sleep(0.2)
     assert not any(f"<{out.scan.message_id}>".encode() in m.data for m in chain.sink.attempts)
+
+
+def test_relay_host_in_the_domains_spf_record_passes_rspamd(chain: Chain) -> None:
+    """The other way past SPOOFED_UNAUTH: the From: domain's SPF record lists the relay host
+    (an application server with a public address, say). SPF passes, DMARC passes by SPF
+    alignment, no policy symbol scores positive: rspamd lets it through unsigned, without any
+    forwarding host, and the sidecar signs it."""
+    out = send(chain, LISTED, RELAY)
+    assert out.scan.action == "no action", out.scan
+    assert out.scan.symbols["R_SPF_ALLOW"] == -0.2
+    assert out.scan.symbols["DMARC_POLICY_ALLOW"] == -0.5
+    assert not out.scan.has("SPOOFED_UNAUTH") and not out.scan.has("DKIM_SIGNED")
+    assert_one_verified_signature(chain, out, LISTED)
+    assert reason(out.sidecar_line) == "signed", out.sidecar_line
 
 
 # -- b. the same host, also a forwarding host ------------------------------------------------------
