@@ -7,8 +7,8 @@ front of every other milter. This module runs a real rspamd configured with Mail
 rspamd and the sidecar read (keys, domains and forwarding hosts seeded as Mailcow's UI stores
 them) and a loopback DNS server with the domains' SPF, DMARC and DKIM records. Every message is
 judged at the sink by dkimpy, and each signature is told apart by who made it: rspamd's scan
-(its log line for the Message-ID says DKIM_SIGNED) and the sidecar's (its log line for the
-queue ID, and its counters).
+(its log line for the Message-ID says DKIM_SIGNED) and the sidecar's (the line it logged for
+the message, and its counters).
 
 The clients, all presented by XCLIENT over one loopback connection each:
 
