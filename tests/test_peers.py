@@ -9,6 +9,7 @@ import asyncio
 import logging
 import shutil
 import socket
+import time
 from collections.abc import Iterator
 from ipaddress import ip_network
 from pathlib import Path
@@ -95,12 +96,14 @@ def test_an_unguarded_listener_is_warned_about(
 
 
 class FakeDns:
-    def __init__(self) -> None:
+    def __init__(self, delay: float = 0.0) -> None:
         self.records: dict[str, set[str]] = {}
         self.asked = 0
+        self.delay = delay  # a slow DNS answer: the held peer must wait for it, unread
 
     def __call__(self, name: str) -> set[str]:
         self.asked += 1
+        time.sleep(self.delay)
         if name not in self.records:
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
         return self.records[name]
@@ -185,12 +188,19 @@ def _try(address: str, source: str) -> bytes | None:
         return None
 
 
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 def test_an_unknown_peer_is_held_unread_while_the_names_are_resolved_again(
-    keys: tuple[Path, dict[str, str]],
+    keys: tuple[Path, dict[str, str]], loop: str
 ) -> None:
     """A Postfix container re-created with a new address: its first connection waits for one
-    resolution (nothing read or written meanwhile) and is then served, not refused."""
-    dns, clock = FakeDns(), Clock()
+    resolution (nothing it sends is acted on meanwhile) and is then served, not refused. A
+    stranger held the same way gets no answer at all. On both event loops: uvloop reads a
+    socket even when reading is paused in connection_made."""
+    run = asyncio.run
+    if loop == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        run = uvloop.run
+    dns, clock = FakeDns(delay=0.3), Clock()
     config = parse_config(
         {"relay_networks": [RELAY], "mta_peers": ["mta.test"], "keys": {"directory": str(keys[0])}},
         "t",
@@ -216,16 +226,24 @@ def test_an_unknown_peer_is_held_unread_while_the_names_are_resolved_again(
             second = await asyncio.to_thread(_try, address, "127.0.0.3")  # still too early
             clock.now += RETRY_SECONDS
             third = await asyncio.to_thread(_try, address, "127.0.0.3")  # held, resolved, served
+            asked.append(dns.asked)
             stranger = await asyncio.to_thread(_try, address, "127.0.0.4")
-            return first, second, third, stranger
+            asked.append(dns.asked)
+            clock.now += RETRY_SECONDS
+            held_stranger = await asyncio.to_thread(_try, address, "127.0.0.4")  # held, refused
+            asked.append(dns.asked)
+            return first, second, third, stranger, held_stranger
         finally:
             await server.close()
 
-    first, second, third, stranger = asyncio.run(scenario())
+    asked: list[int] = []
+    first, second, third, stranger, held_stranger = run(scenario())
     assert (first, second) == (None, None)
-    assert third == b"continue" and dns.asked == 2
-    assert stranger is None and dns.asked == 2  # the interval holds for every peer
-    assert controller.metrics.connections_refused._value.get() == 3
+    assert third == b"continue"
+    assert stranger is None  # refused at once: the interval holds for every peer
+    assert held_stranger is None  # no answer while held, then closed
+    assert asked == [2, 2, 3]
+    assert controller.metrics.connections_refused._value.get() == 4
 
 
 # --- the real sidecar --------------------------------------------------------------------------

@@ -84,6 +84,7 @@ _MESSAGE_STAGES = (p.C_MAIL, p.C_RCPT, p.C_DATA, p.C_EOH, p.C_EOM)
 _FIRST_SIZE = 16 * 1024  # a connection's read buffer at first: a small message fits
 _READ_SIZE = 256 * 1024  # it grows up to this (more only for a larger packet)
 _MIN_ROOM = 4096  # room offered to each read, at least
+_HELD_BYTES = 4096  # what a peer awaiting its mta_peers verdict may send (an MTA: one packet)
 
 REFUSAL_LOG_SECONDS = 60.0  # a refused peer is logged at most this often
 IDLE_TIMEOUT = 600.0  # seconds a connection may stay silent (libmilter's was 600 here too)
@@ -108,6 +109,9 @@ class MilterConnection(asyncio.BufferedProtocol):
         # a decision taken where no reply goes (MAIL, header, body), answered at the next reply
         self._held: Action | None = None
         self._closed = False
+        # False while the peer waits for its mta_peers verdict: what it sends meanwhile stays
+        # in the buffer unparsed (the event loop may read even while reading is paused)
+        self._admitted = True
         self.idle = 0  # sweeps since the last packet
 
     # --- asyncio callbacks ---------------------------------------------------------------
@@ -124,9 +128,19 @@ class MilterConnection(asyncio.BufferedProtocol):
         # the peer of the connection itself, never an address a packet claims (peers.py);
         # a unix socket's peers are governed by its file mode
         if isinstance(peer, tuple) and not self.server.controller.peers.allows(peer[0]):
+            self._admitted = False
             self.server.admit_later(self, peer[0])
             return
         self.server.opened(self)
+
+    def admit(self) -> None:
+        """The held peer may talk after all: act on what it sent while it waited."""
+        self._admitted = True
+        self.server.opened(self)
+        if self.transport is not None:
+            self.transport.resume_reading()
+        if self._end > self._start:
+            self.buffer_updated(0)
 
     @property
     def peer(self) -> str:
@@ -185,6 +199,10 @@ class MilterConnection(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         self.idle = 0
         self._end += nbytes
+        if not self._admitted:
+            if self._end - self._start > _HELD_BYTES:  # not an MTA waiting for an answer
+                self._drop()
+            return
         buf, pos, end = self._buf, self._start, self._end
         limit = self.server.max_packet
         handlers = _HANDLERS
@@ -495,8 +513,7 @@ class MilterServer:
             if conn._closed or conn.transport is None:
                 continue
             if peers.allows(ip):
-                self.opened(conn)
-                conn.transport.resume_reading()
+                conn.admit()
             else:
                 self.refuse(conn, ip)
 
