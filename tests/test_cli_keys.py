@@ -24,7 +24,7 @@ from dkim_sidecar.cli import _txt_lookup
 from dkim_sidecar.keys import SigningKey, check_published
 from harness.dnsserver import TxtServer
 from harness.postfix import postmap_query
-from harness.redis import RedisServer, mailcow_pub_b64, seed_mailcow
+from harness.redis import RedisServer, mailcow_pub_b64, seed_forwarding_host, seed_mailcow
 
 CLI = Path(sys.executable).parent / "dkim-sidecar"
 PASSWORD = secrets.token_urlsafe(48)
@@ -126,6 +126,8 @@ def setup(
     client.flushall()
     seed_mailcow(client, "gen.example", "dkim", material["gen"], mailcow_pub_b64(material["gen"]))
     seed_mailcow(client, "imp.example", "s2019", material["imp"], mailcow_pub_b64(material["imp"]))
+    # the relay network is a forwarding host too, as it must be for rspamd to let its mail on
+    seed_forwarding_host(client, "192.0.2.0/24", keep_spam=False)
     keydir = tmp_path / "keys"
     keydir.mkdir()
     (keydir / "dir.example.rsa1.key").write_bytes(material["dir_rsa"])
@@ -184,6 +186,22 @@ def test_keys_lists_directory_and_redis_keys_with_dns_records(
         assert rows[("dir.example", selector)]["txt"] == key.dns_record()
     assert PASSWORD not in out + err
     assert "PRIVATE KEY" not in out + err
+
+
+def test_keys_names_relay_networks_that_are_no_forwarding_host(
+    setup: tuple[Path, Path, redis.Redis],
+) -> None:
+    config, _, client = setup
+    client.delete("WHITELISTED_FWD_HOST")
+    p = run("keys", "--config", str(config), env={"REDISPASS": PASSWORD})
+    _, err = text(p)
+    assert p.returncode == 0, err  # a warning: the keys themselves are fine
+    assert err.splitlines() == [
+        "warning: relay network 192.0.2.0/24 is not a Mailcow forwarding host: rspamd will "
+        "reject its mail with From: a Mailcow domain (SPOOFED_UNAUTH) before the sidecar signs "
+        "it, unless that domain's SPF record lists it; add it in Mailcow (System > "
+        "Configuration > Options > Forwarding Hosts)"
+    ]
 
 
 def test_keys_check_dns_says_which_records_match(
@@ -530,7 +548,7 @@ def postmap(table: Path, address: str) -> str | None:
 def test_postfix_map_is_a_table_postfix_reads(setup: tuple[Path, Path, redis.Redis]) -> None:
     """Relay networks from the config and Mailcow's forwarding hosts (KEEP_SPAM) from Redis;
     Postfix's own postmap finds the milters for those clients and nothing for others."""
-    from harness.redis import seed_forwarding_host, seed_forwarding_name
+    from harness.redis import seed_forwarding_name
 
     config, _, client = setup
     data = yaml.safe_load(config.read_text())

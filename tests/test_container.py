@@ -1468,18 +1468,119 @@ def test_mailcow_stack_signs_with_the_key_from_redis(
     endpoint = info["NetworkSettings"]["Networks"][NETWORK]
     assert "dkim-sidecar" in (endpoint.get("Aliases") or [])
     ip = endpoint["IPAddress"]
-    # What Postfix's resolver gets for the name (IPv6 first when Mailcow's IPv6 is on; Postfix
-    # tries each address in turn, so the IPv4-only listener is reached either way).
+    # What Postfix's resolver gets for the name: IPv6 first when Mailcow's IPv6 is on, and
+    # the milter listens on both (inet6:[::]), so Postfix's first try is answered.
     seen = mailcow_stack.compose("exec", "-T", "redis-mailcow", "getent", "ahosts", "dkim-sidecar")
     addresses = {line.split()[0] for line in seen.stdout.splitlines() if line.strip()}
     assert ip in addresses, seen.stdout
-    assert addresses <= {ip, endpoint.get("GlobalIPv6Address")}, seen.stdout
+    ip6 = endpoint.get("GlobalIPv6Address") or None
+    assert addresses <= {ip, ip6}, seen.stdout
 
-    # Postfix's view: the milter at that address, a relay client, the key from Mailcow's Redis.
-    result = milter_transaction((ip, 8891), RELAY_CLIENT, MESSAGE)
-    assert_signed_and_valid(result, test_key, mailcow_stack.logs())
-    outside = milter_transaction((ip, 8891), OUTSIDE_CLIENT, MESSAGE)
-    assert outside.signatures() == []
+    # The test host is a stranger on mailcow-network (docker/config.yml: mta_peers is
+    # postfix-mailcow only): closed at accept, whatever client its connect packet claims.
+    with pytest.raises(OSError):
+        milter_transaction((ip, 8891), RELAY_CLIENT, MESSAGE)
+
+    # Postfix's view, from a container named postfix-mailcow on Mailcow's network (Docker's
+    # DNS gives the sidecar its address): the key from Mailcow's Redis, over IPv4 and IPv6.
+    postfix = _peer_container(engine, "postfix-mailcow")
+    stranger = _peer_container(engine, "php-fpm-mailcow")
+    try:
+        targets = ["inet:dkim-sidecar:8891", f"inet:{ip}:8891"]
+        if ip6:
+            targets.append(f"inet6:[{ip6}]:8891")
+        for target in targets:
+            action, signed = _milter_from(engine, postfix, target, RELAY_CLIENT)
+            assert action == "accept", (target, action, mailcow_stack.logs())
+            assert dkim.verify(signed, dnsfunc=test_key.dnsfunc()), signed.decode()
+            assert signed.count(b"DKIM-Signature:") == 1
+        action, signed = _milter_from(engine, postfix, "inet:dkim-sidecar:8891", OUTSIDE_CLIENT)
+        assert b"DKIM-Signature:" not in signed
+        # another container on the same network, claiming the same relay client: refused
+        action, _ = _milter_from(engine, stranger, "inet:dkim-sidecar:8891", RELAY_CLIENT)
+        assert action == "refused", mailcow_stack.logs()
+    finally:
+        engine.docker("rm", "-f", postfix, stranger, check=False)
+    logs = mailcow_stack.compose("logs", "--no-color", SERVICE, timeout=30).stdout
+    assert "milter connection refused: the peer is not in mta_peers" in logs, logs
+
+
+# Run by the image's own Python inside a peer container: one milter transaction through our
+# MTA-side client; prints the action and the message as modified (base64), or "refused".
+_PEER_SCRIPT = """
+import base64, sys
+from dkim_sidecar.mtaclient import MilterClient
+from dkim_sidecar.protocol import ProtocolError
+address, client, message = sys.argv[1], sys.argv[2], base64.b64decode(sys.argv[3])
+try:
+    with MilterClient(address, timeout=15) as c:
+        c.negotiate()
+        if c.connect(client) != "continue":
+            print("accept", base64.b64encode(message).decode())
+            sys.exit(0)
+        r = c.send_message(message)
+except (ProtocolError, ConnectionError):
+    print("refused", "")
+    sys.exit(0)
+print(r.action, base64.b64encode(r.message).decode())
+"""
+
+
+def _peer_container(engine: Engine, alias: str) -> str:
+    """A container on Mailcow's network under a service's name (our image, idle), made known to
+    the sidecar by a reload (it also resolves a new peer by itself, at most every 10 s)."""
+    name = f"dks-peer-{alias}"
+    engine.docker("rm", "-f", name, check=False)
+    engine.docker(
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--network",
+        NETWORK,
+        "--network-alias",
+        alias,
+        "--entrypoint",
+        "sleep",
+        IMAGE,
+        "300",
+    )
+    sidecar = _sidecar_container_id(engine)
+
+    def reloads() -> int:
+        return engine.docker("logs", sidecar, timeout=30).stdout.count("config reloaded")
+
+    before = reloads()
+    engine.docker("kill", "-s", "HUP", sidecar)
+    deadline = time.monotonic() + 20
+    while reloads() == before:  # the reload resolves mta_peers before it says so
+        assert time.monotonic() < deadline, "the sidecar did not reload"
+        time.sleep(0.2)
+    return name
+
+
+def _sidecar_container_id(engine: Engine) -> str:
+    found = engine.docker(
+        "ps", "-q", "--filter", f"label=com.docker.compose.service={SERVICE}"
+    ).stdout.split()
+    assert len(found) == 1, found
+    return found[0]
+
+
+def _milter_from(engine: Engine, container: str, address: str, client_ip: str) -> tuple[str, bytes]:
+    out = engine.docker(
+        "exec",
+        container,
+        "/opt/dkim-sidecar/bin/python",
+        "-c",
+        _PEER_SCRIPT,
+        address,
+        client_ip,
+        base64.b64encode(MESSAGE).decode(),
+        timeout=60,
+    ).stdout.split()
+    assert len(out) in (1, 2), out
+    return out[0], base64.b64decode(out[1]) if len(out) == 2 else b""
 
 
 def test_mailcow_stack_builds_our_missing_image_and_never_pulls_it(

@@ -489,6 +489,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.func is not cmd_run:
+        from .logs import setup_cli_logging
+
+        setup_cli_logging()
     try:
         return int(args.func(args))
     except (UsageError, KeyLoadError) as exc:

@@ -68,6 +68,16 @@ def setup_logging(fmt: str = "text", level: int = logging.INFO) -> None:
     root.setLevel(level)
 
 
+def setup_cli_logging() -> None:
+    """For the commands other than `run`: warnings and errors on stderr, with their fields
+    (stdout is the command's answer)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_TextFormatter("%(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+
+
 def event(level: int, msg: str, **fields: object) -> None:
     """A log line with structured fields (JSON keys, or key=value in text)."""
     log.log(level, msg, extra={"fields": fields})

@@ -118,8 +118,9 @@ def outside_forwarding_hosts(
     relay_networks: Iterable[cfg.IPNetwork], forwarding_hosts: Iterable[cfg.IPNetwork]
 ) -> list[cfg.IPNetwork]:
     """The relay networks that no Mailcow forwarding host covers whole. Mailcow's rspamd sees
-    such a client as an unauthenticated stranger: mail it sends with From: a Mailcow domain and
-    a failing SPF/DMARC policy is rejected (SPOOFED_UNAUTH) before the sidecar is asked.
+    such a client as an unauthenticated stranger: mail it sends with From: a Mailcow domain
+    whose SPF does not pass for it is rejected (SPOOFED_UNAUTH) before the sidecar is asked.
+    (Whether SPF passes takes DNS: not checked here, the warning says so.)
     Loopback is Postfix's own container, never such a client."""
     hosts = list(forwarding_hosts)
     return [
@@ -141,8 +142,9 @@ def _within(net: cfg.IPNetwork, outer: cfg.IPNetwork) -> bool:
 def forwarding_host_warning(network: cfg.IPNetwork) -> str:
     return (
         f"relay network {network} is not a Mailcow forwarding host: rspamd will reject its mail "
-        "with From: a Mailcow domain (SPOOFED_UNAUTH) before the sidecar signs it; add it in "
-        "Mailcow under Configuration > Forwarding hosts"
+        "with From: a Mailcow domain (SPOOFED_UNAUTH) before the sidecar signs it, unless that "
+        "domain's SPF record lists it; add it in Mailcow (System > Configuration > Options > "
+        "Forwarding Hosts)"
     )
 
 

@@ -534,7 +534,8 @@ dkim {{ }}
 dmarc {{ }}
 
 multimap {{
-    # Mailcow > Configuration > Forwarding hosts: an address or CIDR per field of the hash.
+    # Mailcow's Forwarding Hosts (System > Configuration > Options): an address or CIDR per
+    # field of the hash.
     WHITELISTED_FWD_HOST {{
         type = "ip";
         map = "redis://WHITELISTED_FWD_HOST";
