@@ -9,8 +9,9 @@ SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 # What `make run` needs: a Python with venv and headers, and a C compiler for the C helper.
 RUN_PACKAGES := python3 python3-venv python3-dev gcc libc6-dev ca-certificates openssl
-# What the tests add: a real Postfix, a real Redis, the Docker engine and debootstrap for the
-# container tests, OpenDKIM for the side-by-side benchmark.
+# What the tests add: a real Postfix, a real Redis, a real rspamd (in front of the sidecar, as in
+# Mailcow), the Docker engine and debootstrap for the container tests, OpenDKIM for the
+# side-by-side benchmark. Tests run their own throwaway instances on free loopback ports.
 TEST_PACKAGES := $(RUN_PACKAGES) postfix redis-server docker.io debootstrap opendkim opendkim-tools \
 	iproute2 procps rspamd
 
@@ -24,6 +25,8 @@ help:
 
 # Install only what is missing, so a second run costs nothing. Postfix is installed with
 # "No configuration": the system instance stays off; tests run their own throwaway instances.
+# On a systemd machine the Redis, rspamd and OpenDKIM services that this step installed are
+# stopped and disabled again (the tests never use them); what was there before is left alone.
 define apt_install
 	@missing=""; for p in $(1); do \
 	  dpkg-query -W -f='$${Status}' "$$p" 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
@@ -32,7 +35,11 @@ define apt_install
 	  echo "installing system packages:$$missing"; \
 	  echo "postfix postfix/main_mailer_type select No configuration" | $(SUDO) debconf-set-selections; \
 	  $(SUDO) apt-get update -q && \
-	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing && \
+	  if [ -d /run/systemd/system ]; then \
+	    for unit in $$missing; do case "$$unit" in redis-server|rspamd|opendkim) \
+	      $(SUDO) systemctl disable --now "$$unit" >/dev/null 2>&1 || true;; esac; done; \
+	  fi; \
 	fi
 endef
 
