@@ -1029,7 +1029,7 @@ def test_relay_networks_outside_forwarding_hosts_are_those_no_host_covers_whole(
 
     from dkim_sidecar.runtime import outside_forwarding_hosts
 
-    hosts = [ip_network(n) for n in ("192.0.2.0/24", "2001:db8::/32", "::ffff:0:0/96")]
+    hosts = [ip_network(n) for n in ("192.0.2.0/24", "2001:db8::/32", "::ffff:203.0.113.0/120")]
     relay = [
         ip_network(n)
         for n in (
@@ -1040,6 +1040,9 @@ def test_relay_networks_outside_forwarding_hosts_are_those_no_host_covers_whole(
             "2001:db9::/48",  # outside
             "127.0.0.0/8",  # loopback: Postfix's own container
             "::1/128",
+            "::ffff:127.0.0.0/104",
+            "::ffff:192.0.2.0/120",  # IPv4-mapped: inside, as Postfix reports such clients
+            "203.0.113.5/32",  # inside a forwarding host written IPv4-mapped
         )
     ]
     assert [str(n) for n in outside_forwarding_hosts(relay, hosts)] == [

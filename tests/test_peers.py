@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from ipaddress import ip_network
@@ -25,7 +27,7 @@ from dkim_sidecar.peers import RETRY_SECONDS, MtaPeers, unguarded_listen_warning
 from dkim_sidecar.runtime import Controller
 from dkim_sidecar.server import MilterServer
 from harness.dkimcheck import verify_all
-from harness.sidecar import Sidecar, dns_table, write_keys
+from harness.sidecar import Sidecar, dns_table, free_port, wait_for, write_keys
 
 MESSAGE = (
     b"From: Alice <alice@example.com>\r\nTo: bob@example.net\r\nSubject: peers\r\n\r\nHello.\r\n"
@@ -157,8 +159,10 @@ def test_an_unknown_peer_may_trigger_a_resolution_at_most_every_retry_interval()
     dns, clock = FakeDns(), Clock()
     peers = MtaPeers(["postfix-mailcow"], resolver=dns, clock=clock.__call__)
     assert peers.may_retry()
-    peers.resolve()
-    assert not peers.may_retry()
+    peers.resolve()  # the periodic resolutions do not count
+    assert peers.may_retry()
+    peers.retry()
+    assert not peers.may_retry() and dns.asked == 2
     clock.now += RETRY_SECONDS - 0.1
     assert not peers.may_retry()
     clock.now += 0.1
@@ -188,6 +192,16 @@ def _try(address: str, source: str) -> bytes | None:
         return None
 
 
+def _flood(port: int, source: str) -> bytes:
+    """Send a packet header announcing 1 MB and 8 KB of it; what the milter answers."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0)) as c:
+        try:
+            c.sendall(b"\x00\x10\x00\x00" + b"x" * 8192)
+            return c.recv(100)
+        except ConnectionError:
+            return b""
+
+
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 def test_an_unknown_peer_is_held_unread_while_the_names_are_resolved_again(
     keys: tuple[Path, dict[str, str]], loop: str
@@ -213,17 +227,17 @@ def test_an_unknown_peer_is_held_unread_while_the_names_are_resolved_again(
 
     async def scenario() -> tuple[bytes | None, ...]:
         server = MilterServer(controller, lambda report: None, 1 << 20)
-        port = socket.socket()
-        port.bind(("127.0.0.1", 0))
-        number = port.getsockname()[1]
-        port.close()
+        number = free_port()
         await server.start(Listen.parse(f"inet:127.0.0.1:{number}"))
         address = f"inet:127.0.0.1:{number}"
         try:
-            # within the retry interval of the last resolution: refused at once
+            # right after a periodic resolution, an unknown peer may still ask for one: held,
+            # resolved (nothing yet), refused
             first = await asyncio.to_thread(_try, address, "127.0.0.3")
+            asked.append(dns.asked)
             dns.records["mta.test"] = {"127.0.0.3"}
-            second = await asyncio.to_thread(_try, address, "127.0.0.3")  # still too early
+            second = await asyncio.to_thread(_try, address, "127.0.0.3")  # too early: refused
+            asked.append(dns.asked)
             clock.now += RETRY_SECONDS
             third = await asyncio.to_thread(_try, address, "127.0.0.3")  # held, resolved, served
             asked.append(dns.asked)
@@ -232,18 +246,23 @@ def test_an_unknown_peer_is_held_unread_while_the_names_are_resolved_again(
             clock.now += RETRY_SECONDS
             held_stranger = await asyncio.to_thread(_try, address, "127.0.0.4")  # held, refused
             asked.append(dns.asked)
-            return first, second, third, stranger, held_stranger
+            clock.now += RETRY_SECONDS
+            # a held peer that streams instead of waiting (a 1 MB length prefix): refused
+            # once it has sent more than an MTA would, whatever the resolution says
+            flood = await asyncio.to_thread(_flood, number, "127.0.0.6")
+            return first, second, third, stranger, held_stranger, flood
         finally:
             await server.close()
 
     asked: list[int] = []
-    first, second, third, stranger, held_stranger = run(scenario())
+    first, second, third, stranger, held_stranger, flood = run(scenario())
+    assert flood == b""  # closed, nothing answered
     assert (first, second) == (None, None)
     assert third == b"continue"
     assert stranger is None  # refused at once: the interval holds for every peer
     assert held_stranger is None  # no answer while held, then closed
-    assert asked == [2, 2, 3]
-    assert controller.metrics.connections_refused._value.get() == 4
+    assert asked == [2, 2, 3, 3, 4]
+    assert controller.metrics.connections_refused._value.get() == 5
 
 
 # --- the real sidecar --------------------------------------------------------------------------
@@ -296,7 +315,16 @@ def test_a_peer_outside_mta_peers_is_closed_at_accept_and_nothing_is_signed(
     assert signed(s) == 1
 
 
-@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare (util-linux)")
+def _can_unshare_mounts() -> bool:
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "--mount", "true"], capture_output=True, check=False)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(
+    not _can_unshare_mounts(), reason="needs root and unshare --mount (a hosts file of its own)"
+)
 def test_a_name_that_resolves_later_and_a_reload_apply_without_a_restart(
     sidecar_factory, tmp_path: Path
 ) -> None:
@@ -325,6 +353,28 @@ def test_a_name_that_resolves_later_and_a_reload_apply_without_a_restart(
         s.send(MESSAGE, source="127.0.0.3")
     assert s.send(MESSAGE, source="127.0.0.4").action == "accept"
     assert signed(s) == 2
+
+
+def test_a_reload_that_narrows_mta_peers_closes_open_connections_of_dropped_peers(
+    sidecar_factory,
+) -> None:
+    """A connection admitted under the old list must not keep asking for signatures."""
+    s = sidecar_factory({"mta_peers": ["127.0.0.1", "127.0.0.2"]})
+    kept = s.client("127.0.0.1")
+    dropped = s.client("127.0.0.2")
+    try:
+        assert dropped.connect(RELAY) == "continue" and kept.connect(RELAY) == "continue"
+        before = refused(s)
+        s.write_config(dict(s.config, mta_peers=["127.0.0.1"]))
+        s.reload()
+        wait_for(lambda: refused(s) == before + 1, 10, "the dropped peer's connection closed")
+        with pytest.raises((p.ProtocolError, ConnectionError)):
+            dropped.send_message(MESSAGE)
+        assert len(kept.send_message(MESSAGE).signatures) == 1
+    finally:
+        kept.close()
+        dropped.close()
+    assert signed(s) == 1
 
 
 def s_keys(tmp_path: Path) -> str:

@@ -112,7 +112,7 @@ class Metrics:
         )
         self.connections_refused = Counter(
             p + "milter_connections_refused_total",
-            "Milter connections closed at accept: the peer is not in mta_peers",
+            "Milter connections closed unanswered: the peer is not in mta_peers",
             registry=r,
         )
         self.ready = Gauge(

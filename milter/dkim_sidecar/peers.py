@@ -6,9 +6,10 @@ address of the connection says who is talking. On a Docker network shared with a
 containers (Mailcow's), that must be the MTA's container and nothing else.
 
 `mta_peers` holds addresses, networks and host names. Names (a Postfix container's, which gets
-a new address when it is re-created) are resolved at start, at each key refresh, and once, at
-most every RETRY_SECONDS, when an unknown peer connects; a name that does not resolve keeps
-its last good addresses. Unix sockets are governed by their file mode instead.
+a new address when it is re-created) are resolved after each key refresh (the first right after
+the milter listens), at SIGHUP, and once, at most every RETRY_SECONDS, when an unknown peer
+connects (server.py holds that connection meanwhile); a name that does not resolve keeps its
+last good addresses. Unix sockets are governed by their file mode instead.
 """
 
 from __future__ import annotations
@@ -67,8 +68,10 @@ class MtaPeers:
         old = previous._addresses if previous is not None else {}
         self._addresses: dict[str, frozenset[str]] = {n: old[n] for n in self.names if n in old}
         self._failing: set[str] = set()  # names whose failure was logged (once per episode)
-        self._last_resolve = -math.inf
+        self._last_retry = -math.inf  # the last resolution an unknown peer asked for
         self._table = self._build()
+        # bumped whenever the table changes: the server then checks its open connections again
+        self.generation = 0
 
     def _build(self) -> RelayTable:
         hosts = [_host_network(a) for addrs in self._addresses.values() for a in addrs]
@@ -80,15 +83,19 @@ class MtaPeers:
         return not self.configured or self._table.contains(ip)
 
     def may_retry(self) -> bool:
-        """Is a resolution for an unknown peer due (there are names, and none was tried
-        within RETRY_SECONDS)?"""
-        return bool(self.names) and self._clock() - self._last_resolve >= RETRY_SECONDS
+        """May an unknown peer have the names resolved again (there are names, and no unknown
+        peer asked within RETRY_SECONDS; the periodic resolutions do not count)?"""
+        return bool(self.names) and self._clock() - self._last_retry >= RETRY_SECONDS
+
+    def retry(self) -> None:
+        """resolve(), asked for by an unknown peer (see may_retry)."""
+        self._last_retry = self._clock()
+        self.resolve()
 
     def resolve(self) -> None:
         """Resolve every name again; a name that fails keeps its last good addresses (and
         is logged once until it resolves again). Never raises."""
         with self._lock:
-            self._last_resolve = self._clock()
             for name in self.names:
                 try:
                     found = frozenset(self._resolver(name))
@@ -115,7 +122,10 @@ class MtaPeers:
                     )
                 self._failing.discard(name)
                 self._addresses[name] = found
-            self._table = self._build()
+            table = self._build()
+            if table != self._table:
+                self._table = table
+                self.generation += 1
 
     def describe(self) -> str:
         """What is allowed now, for logs and check-config."""

@@ -8,6 +8,7 @@ when building fails, the old snapshot keeps serving and the failure is logged an
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import os
 import threading
@@ -120,22 +121,30 @@ def outside_forwarding_hosts(
     """The relay networks that no Mailcow forwarding host covers whole. Mailcow's rspamd sees
     such a client as an unauthenticated stranger: mail it sends with From: a Mailcow domain
     whose SPF does not pass for it is rejected (SPOOFED_UNAUTH) before the sidecar is asked.
-    (Whether SPF passes takes DNS: not checked here, the warning says so.)
-    Loopback is Postfix's own container, never such a client."""
-    hosts = list(forwarding_hosts)
-    return [
-        net
-        for net in relay_networks
-        if not net.is_loopback and not any(_within(net, h) for h in hosts)
-    ]
+    (Whether SPF passes takes DNS: not checked here, the warning says so.) Loopback is
+    Postfix's own container, never such a client; IPv4-mapped networks count as IPv4."""
+    hosts = [_plain(h) for h in forwarding_hosts]
+    outside = []
+    for net in relay_networks:
+        plain = _plain(net)
+        if plain.is_loopback:
+            continue
+        if not any(plain.version == h.version and _within(plain, h) for h in hosts):
+            outside.append(net)
+    return outside
+
+
+def _plain(net: cfg.IPNetwork) -> cfg.IPNetwork:
+    """::ffff:a.b.c.d/n as the IPv4 network it maps (Postfix reports such clients as IPv4)."""
+    if isinstance(net, ipaddress.IPv6Network):
+        return cfg.mapped_ipv4(net) or net
+    return net
 
 
 def _within(net: cfg.IPNetwork, outer: cfg.IPNetwork) -> bool:
-    """net.subnet_of(outer), for networks of either family."""
-    return (
-        net.version == outer.version
-        and net.prefixlen >= outer.prefixlen
-        and int(net.network_address) & int(outer.netmask) == int(outer.network_address)
+    """net.subnet_of(outer) for two networks of one family, spelled so a type checker sees it."""
+    return net.prefixlen >= outer.prefixlen and (
+        int(net.network_address) & int(outer.netmask) == int(outer.network_address)
     )
 
 
@@ -241,9 +250,8 @@ class Controller:
         return keys, all_ok
 
     def refresh_keys(self) -> bool:
-        """Reload the keys of the current config (and resolve the mta_peers names again);
-        returns True when every source answered."""
-        self.peers.resolve()
+        """Reload the keys of the current config, then resolve the mta_peers names again
+        (a slow DNS must not hold up the keys); returns True when every source answered."""
         with self._lock:
             old = self.current
             if not self._slots_built:
@@ -251,7 +259,8 @@ class Controller:
                 self._slots_built = True
             keys, all_ok = self._load_slots(self._slots)
             self._publish(Runtime.build(old.config, keys), keys, all_ok)
-            return all_ok
+        self.peers.resolve()
+        return all_ok
 
     def _publish(self, runtime: Runtime, keys: KeySet, all_ok: bool) -> None:
         previous = self.current.keys
@@ -319,17 +328,17 @@ class Controller:
                     setting=name,
                 )
             config = _keep_restart_settings(old.config, config)
+            slots = self._make_slots(config, self._slots)
+            keys, all_ok = self._load_slots(slots)
             # resolved before the swap: the next connection meets a complete table
             peers = self.peers
             if config.mta_peers != old.config.mta_peers:
                 peers = MtaPeers(config.mta_peers, previous=peers)
             peers.resolve()
-            self.peers = peers
-            slots = self._make_slots(config, self._slots)
-            keys, all_ok = self._load_slots(slots)
             self._slots, self._slots_built = slots, True
             self._generation += 1
             self._publish(Runtime.build(config, keys), keys, all_ok)
+            self.peers = peers
             self.metrics.reloads.labels("ok").inc()
             self.metrics.reload_last_success.set(time.time())
             logging.getLogger().setLevel(config.log_level.level)

@@ -31,11 +31,11 @@ import asyncio
 import contextlib
 import errno
 import logging
-import math
 import os
 import socket
 import stat
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import cast
 
@@ -85,6 +85,8 @@ _FIRST_SIZE = 16 * 1024  # a connection's read buffer at first: a small message 
 _READ_SIZE = 256 * 1024  # it grows up to this (more only for a larger packet)
 _MIN_ROOM = 4096  # room offered to each read, at least
 _HELD_BYTES = 4096  # what a peer awaiting its mta_peers verdict may send (an MTA: one packet)
+_MAX_HELD = 64  # peers awaiting a verdict at once; more are refused
+_MAX_REFUSALS_LOGGED = 256  # distinct peers whose refusal is logged per minute
 
 REFUSAL_LOG_SECONDS = 60.0  # a refused peer is logged at most this often
 IDLE_TIMEOUT = 600.0  # seconds a connection may stay silent (libmilter's was 600 here too)
@@ -110,8 +112,9 @@ class MilterConnection(asyncio.BufferedProtocol):
         self._held: Action | None = None
         self._closed = False
         # False while the peer waits for its mta_peers verdict: what it sends meanwhile stays
-        # in the buffer unparsed (the event loop may read even while reading is paused)
+        # in the buffer unparsed (uvloop reads a new socket even when reading is paused)
         self._admitted = True
+        self.peer_ip: str | None = None  # the TCP peer's address (inet listeners only)
         self.idle = 0  # sweeps since the last packet
 
     # --- asyncio callbacks ---------------------------------------------------------------
@@ -124,13 +127,15 @@ class MilterConnection(asyncio.BufferedProtocol):
             # the previous one is still delayed would wait ~40 ms for it
             # (uvloop and asyncio set it too; test_operate reads it off the live socket)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        peer = transport.get_extra_info("peername")
         # the peer of the connection itself, never an address a packet claims (peers.py);
         # a unix socket's peers are governed by its file mode
-        if isinstance(peer, tuple) and not self.server.controller.peers.allows(peer[0]):
-            self._admitted = False
-            self.server.admit_later(self, peer[0])
-            return
+        if self.server.checks_peers:
+            peer = transport.get_extra_info("peername")
+            self.peer_ip = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+            if not self.server.controller.peers.allows(self.peer_ip):
+                self._admitted = False  # "?" (no peer address) is never allowed: fail closed
+                self.server.admit_later(self)
+                return
         self.server.opened(self)
 
     def admit(self) -> None:
@@ -177,7 +182,9 @@ class MilterConnection(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         start, end = self._start, self._end
         want = _MIN_ROOM
-        if end - start >= 4:  # a packet has begun: room for all of it
+        if not self._admitted:  # a held peer's length prefix sizes nothing
+            want = _HELD_BYTES + 1 - (end - start)
+        elif end - start >= 4:  # a packet has begun: room for all of it
             size = int.from_bytes(self._buf[start : start + 4], "big")
             want = max(want, min(size, self.server.max_packet) + 4 - (end - start))
         if len(self._buf) - end < want:
@@ -201,7 +208,7 @@ class MilterConnection(asyncio.BufferedProtocol):
         self._end += nbytes
         if not self._admitted:
             if self._end - self._start > _HELD_BYTES:  # not an MTA waiting for an answer
-                self._drop()
+                self.server.refuse(self)
             return
         buf, pos, end = self._buf, self._start, self._end
         limit = self.server.max_packet
@@ -469,10 +476,13 @@ class MilterServer:
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._listen: Listen | None = None
-        # unknown peers held (not read from) while the mta_peers names are resolved again
+        # unknown peers held (nothing they send acted on) while the names are resolved again
         self._resolving: asyncio.Future[None] | None = None
-        self._held: list[tuple[MilterConnection, str]] = []
-        self._refusal_logged: dict[str, float] = {}  # peer -> when its refusal was last logged
+        self._held: list[MilterConnection] = []
+        # peer -> when its refusal was logged, oldest first
+        self._refusal_logged: OrderedDict[str, float] = OrderedDict()
+        # the peer table the open connections were last checked against
+        self._peers_seen: tuple[object, int] = (controller.peers, controller.peers.generation)
 
     def current(self) -> Runtime:
         return self.controller.current
@@ -488,19 +498,26 @@ class MilterServer:
 
     # --- who may connect (mta_peers) ------------------------------------------------------
 
-    def admit_later(self, conn: MilterConnection, ip: str) -> None:
+    @property
+    def checks_peers(self) -> bool:
+        """Is each connection's peer address checked (an inet listener; a unix socket's file
+        mode decides who may connect)?"""
+        return self._listen is not None and self._listen.kind is not ListenKind.UNIX
+
+    def admit_later(self, conn: MilterConnection) -> None:
         """A peer not (yet) in mta_peers: if resolving the names again is due, hold the
-        connection unread until that is done, then decide; else refuse it now. Nothing is
-        read or written before the decision."""
-        if self._resolving is None and not self.controller.peers.may_retry():
-            self.refuse(conn, ip)
+        connection until that is done, then decide; else refuse it now. Nothing it sends is
+        acted on, and nothing is written to it, before the decision."""
+        peers = self.controller.peers
+        if len(self._held) >= _MAX_HELD or (self._resolving is None and not peers.may_retry()):
+            self.refuse(conn)
             return
         assert conn.transport is not None
         conn.transport.pause_reading()
-        self._held.append((conn, ip))
+        self._held.append(conn)
         if self._resolving is None:
             loop = asyncio.get_running_loop()
-            self._resolving = loop.run_in_executor(None, self.controller.peers.resolve)
+            self._resolving = loop.run_in_executor(None, peers.retry)
             self._resolving.add_done_callback(self._resolved)
 
     def _resolved(self, future: asyncio.Future[None]) -> None:
@@ -509,24 +526,40 @@ class MilterServer:
             log.error("resolving mta_peers failed", exc_info=future.exception())
         held, self._held = self._held, []
         peers = self.controller.peers  # a reload may have replaced it meanwhile
-        for conn, ip in held:
-            if conn._closed or conn.transport is None:
-                continue
-            if peers.allows(ip):
-                conn.admit()
-            else:
-                self.refuse(conn, ip)
+        for conn in held:
+            try:
+                if conn._closed or conn.transport is None:
+                    continue
+                if peers.allows(conn.peer_ip or "?"):
+                    conn.admit()
+                else:
+                    self.refuse(conn)
+            except Exception:
+                log.exception("deciding on a held milter connection failed")
+                conn._drop()
 
-    def refuse(self, conn: MilterConnection, ip: str) -> None:
+    def recheck_peers(self) -> None:
+        """Close the open connections whose peer mta_peers no longer allows (after a reload
+        that narrowed it, or a name that moved): a connection admitted under the old list
+        must not keep asking for signatures."""
+        if not self.checks_peers:
+            return
+        peers = self.controller.peers
+        self._peers_seen = (peers, peers.generation)
+        for conn in list(self.connections):
+            if not peers.allows(conn.peer_ip or "?"):
+                self.refuse(conn)
+
+    def refuse(self, conn: MilterConnection) -> None:
         """Close a connection from a peer outside mta_peers: counted each time, logged at most
-        once a minute per peer."""
+        once a minute per peer (and, with a flood of peers, once a minute in all)."""
         self.metrics.connections_refused.inc()
+        ip = conn.peer_ip or "?"
         now = time.monotonic()
         logged = self._refusal_logged
-        if now - logged.get(ip, -math.inf) >= REFUSAL_LOG_SECONDS:
-            if len(logged) >= 1024:  # many peers: forget the ones logged over a minute ago
-                for old in [k for k, t in logged.items() if now - t >= REFUSAL_LOG_SECONDS]:
-                    del logged[old]
+        while logged and now - next(iter(logged.values())) >= REFUSAL_LOG_SECONDS:
+            logged.popitem(last=False)  # oldest first: forget what was logged a minute ago
+        if ip not in logged and len(logged) < _MAX_REFUSALS_LOGGED:
             logged[ip] = now
             event(
                 logging.WARNING,
@@ -567,9 +600,13 @@ class MilterServer:
         self._sweeper = asyncio.create_task(self._sweep())
 
     async def _sweep(self) -> None:
-        """Close connections that stayed silent for IDLE_TIMEOUT (an MTA that vanished)."""
+        """Close connections that stayed silent for IDLE_TIMEOUT (an MTA that vanished), and
+        those whose peer mta_peers no longer allows since a resolution changed it."""
         while True:
             await asyncio.sleep(_SWEEP)
+            peers = self.controller.peers
+            if self._peers_seen != (peers, peers.generation):  # a name moved: check again
+                self.recheck_peers()
             for conn in list(self.connections):
                 conn.idle += 1
                 if conn.idle * _SWEEP >= IDLE_TIMEOUT:
@@ -581,7 +618,7 @@ class MilterServer:
             self._server.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
-        for conn in [*self.connections, *(c for c, _ in self._held)]:
+        for conn in [*self.connections, *self._held]:
             conn._drop()
         self._held.clear()
         await asyncio.sleep(0)  # let the transports run connection_lost

@@ -108,6 +108,7 @@ class Service:
             self.metrics, lambda: self.controller.current.config.metrics.per_domain_labels
         )
         self._stop: asyncio.Event | None = None
+        self._server: MilterServer | None = None
         self._reload_running = False
         self._reload_again = False
 
@@ -153,7 +154,7 @@ class Service:
         # a header field comes in one packet (Postfix: up to header_size_limit, 100 KB by
         # default); allow the configured header cap and more, but not without bound
         max_packet = max(config.limits.max_header_bytes, 1 << 20) + 65536
-        server = MilterServer(self.controller, self.reporter, max_packet)
+        server = self._server = MilterServer(self.controller, self.reporter, max_packet)
         try:
             await server.start(listen)
         except OSError as exc:
@@ -201,6 +202,8 @@ class Service:
         self._reload_running = False
         if future.exception() is not None:
             log.error("reload failed", exc_info=future.exception())
+        elif self._server is not None:
+            self._server.recheck_peers()  # a narrowed mta_peers applies to open connections too
         if self._reload_again:
             self._reload_again = False
             self._on_hup()

@@ -98,6 +98,10 @@ class Sidecar:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         argv = [sys.executable, "-m", "dkim_sidecar.cli", "run", "--config", str(self.config_path)]
         if self.hosts is not None:
+            # A name not in the hosts file goes to DNS: a resolver of its own that answers at
+            # once (nothing listens on 127.0.0.1:53), so no lookup waits on the host's DNS.
+            resolv = self.dir / "resolv.conf"
+            resolv.write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
             # unshare and sh exec into the sidecar: the PID stays the sidecar's
             argv = [
                 "unshare",
@@ -106,8 +110,10 @@ class Sidecar:
                 "private",
                 "sh",
                 "-c",
-                'mount --bind "$0" /etc/hosts && exec "$@"',
+                'mount --bind "$0" /etc/hosts && mount --bind "$1" /etc/resolv.conf && '
+                'shift && exec "$@"',
                 str(self.hosts),
+                str(resolv),
                 *argv,
             ]
         self.proc = subprocess.Popen(
