@@ -1122,17 +1122,23 @@ def test_container_signs_for_relay_clients_only(
     assert outside.signatures() == [], outside
 
 
-def _postfix_context(engine: Engine) -> Path:
-    ctx = engine.root / "postfix-ctx"
+def _apt_image_context(engine: Engine, name: str, package: str, tail: str = "") -> Path:
+    """A build context: the base image plus one Debian package (and `tail`'s lines)."""
+    ctx = engine.root / f"{name}-ctx"
     ctx.mkdir(exist_ok=True)
     (ctx / "Dockerfile").write_text(
         f"FROM {BASE_IMAGE}\n"
         "RUN apt-get update \\\n"
-        " && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postfix \\\n"
-        " && rm -rf /var/lib/apt/lists/*\n",
+        " && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "
+        f"{package} \\\n"
+        " && rm -rf /var/lib/apt/lists/*\n" + tail,
         encoding="utf-8",
     )
     return ctx
+
+
+def _postfix_context(engine: Engine) -> Path:
+    return _apt_image_context(engine, "postfix", "postfix")
 
 
 @pytest.fixture(scope="session")
@@ -1325,17 +1331,9 @@ def _mailcow_redis_image() -> str:
 
 
 def _redis_context(engine: Engine) -> Path:
-    ctx = engine.root / "redis-ctx"
-    ctx.mkdir(exist_ok=True)
-    (ctx / "Dockerfile").write_text(
-        f"FROM {BASE_IMAGE}\n"
-        "RUN apt-get update && apt-get install -y --no-install-recommends redis-server \\\n"
-        " && rm -rf /var/lib/apt/lists/*\n"
-        "WORKDIR /data\n"
-        'CMD ["redis-server"]\n',
-        encoding="utf-8",
+    return _apt_image_context(
+        engine, "redis", "redis-server", 'WORKDIR /data\nCMD ["redis-server"]\n'
     )
-    return ctx
 
 
 @pytest.fixture(scope="session")

@@ -74,7 +74,7 @@ Traps found while building this (Postfix 3.7.11, Debian bookworm):
     master behind when it raises, and an atexit hook stops instances a test forgot.
 17. This VM's PID 1 reaps orphans lazily: after ``stop()`` the master (reparented to PID
     1 when it daemonized) shows as ``[master] <defunct>`` in ``ps`` for up to ~2 s. It is
-    dead; ``_group_members`` ignores zombies.
+    dead; ``procfs.group_members`` ignores zombies.
 18. ``master.pid`` can outlive its master; before signalling, ``master_pid()`` checks that
     the PID's cwd is this instance's queue directory, so a reused PID is never killed.
 """
@@ -99,6 +99,8 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from .procfs import group_members
 
 if TYPE_CHECKING:
     from .sink import SmtpSink
@@ -262,22 +264,6 @@ def _postfix_files_dirs() -> list[tuple[str, str, str, int]]:
         ):
             specs.append((parts[0], parts[2], parts[3], int(parts[4], 8)))
     return specs
-
-
-def _group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes in process group ``pgid``, from /proc."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            members.append(int(entry))
-    return members
 
 
 def _xtext(value: str) -> str:
@@ -597,7 +583,7 @@ class PostfixInstance:
                 os.killpg(pid, signal.SIGKILL)
         # The master TERMs its process group on exit; make sure no child lingers.
         deadline = time.monotonic() + grace
-        while _group_members(pid):
+        while group_members(pid):
             if time.monotonic() > deadline:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGKILL)

@@ -1,7 +1,8 @@
-"""What /proc and pidfd_getfd() tell about another process's sockets: whether the sockets
-of a running milter have TCP_NODELAY set (issue 7: without it, a reply written while the
-MTA's ACK of the previous one is delayed waits ~40 ms). Linux only; needs ptrace rights over
-the process (root, or the same user with ptrace_scope 0)."""
+"""What /proc tells about other processes: the live members of a process group (to stop a
+daemon and everything it started), and, through pidfd_getfd(), whether the sockets of a
+running milter have TCP_NODELAY set (without it, a reply written while the MTA's ACK of the
+previous one is delayed waits ~40 ms). Linux only; the sockets need ptrace rights over the
+process (root, or the same user with ptrace_scope 0)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,22 @@ import socket
 
 _SYS_PIDFD_GETFD = 438  # same number on x86_64 and aarch64
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes in process group ``pgid``."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry))
+    return members
 
 
 def _tcp_inodes(port: int) -> dict[int, str]:

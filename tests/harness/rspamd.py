@@ -82,6 +82,7 @@ from typing import Any
 from dkim_sidecar.mtaclient import MilterClient
 
 from .postfix import free_port
+from .procfs import group_members
 
 __all__ = [
     "RSPAMD",
@@ -139,21 +140,6 @@ def _reap(pid: int) -> None:
     """Last resort (garbage collection, interpreter exit): kill the process group we made."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
-
-
-def _group_alive(pgid: int) -> bool:
-    """Does any live (non-zombie) process remain in process group ``pgid``?"""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            return True
-    return False
 
 
 class Rspamd:
@@ -405,7 +391,7 @@ lua = "{local}/mailcow.lua";
                     os.killpg(pgid, signal.SIGKILL)
                 proc.wait(timeout=5)
         deadline = time.monotonic() + timeout
-        while _group_alive(pgid):
+        while group_members(pgid):
             if time.monotonic() > deadline:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pgid, signal.SIGKILL)
