@@ -78,7 +78,7 @@ COPY docker/config.yml /etc/dkim-sidecar/config.yml
 COPY docker/healthcheck.py /usr/local/lib/dkim-sidecar/healthcheck.py
 
 # Fail the build, not the first start, if a module or the C helper cannot load at run time.
-RUN /opt/dkim-sidecar/bin/python -c "import dkim, dkim_sidecar.service, dkim_sidecar._scan"
+RUN /opt/dkim-sidecar/bin/python -c "import dkim, dkim_sidecar.service, dkim_sidecar.dkim._scan"
 
 # Read-only root filesystem: no .pyc writes (the venv was byte-compiled at install time, and
 # Debian byte-compiles the standard library), temporary files only under /tmp (a tmpfs),

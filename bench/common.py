@@ -120,7 +120,7 @@ def machine_info() -> dict[str, str]:
 
 def make_key(directory: Path) -> tuple[Path, bytes]:
     """One RSA-2048 key (PEM, PKCS#8) for example.com, selector `bench`: for both milters."""
-    from dkim_sidecar.keys import Algorithm, generate_key
+    from dkim_sidecar.dkim.keys import Algorithm, generate_key
 
     pem = generate_key(Algorithm.RSA_SHA256, 2048)
     write_keys(directory / "keys", [(DOMAIN, SELECTOR, pem)])
@@ -128,7 +128,7 @@ def make_key(directory: Path) -> tuple[Path, bytes]:
 
 
 def dns_record(pem: bytes) -> bytes:
-    from dkim_sidecar.keys import SigningKey
+    from dkim_sidecar.dkim.keys import SigningKey
 
     return SigningKey.load(DOMAIN, SELECTOR, pem).dns_record().encode()
 

@@ -11,10 +11,10 @@ import dkim
 
 from common import DOMAIN, SELECTOR, make_message
 from dkim_sidecar.config import Config
-from dkim_sidecar.header import split_message
-from dkim_sidecar.keys import SigningKey
+from dkim_sidecar.dkim.header import split_message
+from dkim_sidecar.dkim.keys import SigningKey
+from dkim_sidecar.dkim.signer import MessageSigner
 from dkim_sidecar.runtime import policy_of
-from dkim_sidecar.signer import MessageSigner
 
 
 def per_second(fn: Callable[[], object], seconds: float, min_runs: int = 3) -> float:

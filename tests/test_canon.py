@@ -19,7 +19,7 @@ from dkim.canonicalization import Relaxed, Simple
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from dkim_sidecar.canon import (
+from dkim_sidecar.dkim.canon import (
     _MAX_CARRY,
     BodyCanonicalizer,
     BodyHasher,

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from dkim_sidecar import __version__
 from dkim_sidecar.cli import _txt_lookup
-from dkim_sidecar.keys import SigningKey, check_published
+from dkim_sidecar.dkim.keys import SigningKey, check_published
 from harness.dnsserver import TxtServer
 from harness.postfix import postmap_query
 from harness.redis import RedisServer, mailcow_pub_b64, seed_forwarding_host, seed_mailcow

@@ -11,7 +11,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dkim_sidecar.canon import Canon, Canonicalization
 from dkim_sidecar.config import (
     DEFAULT_OVERSIGN_HEADERS,
     DEFAULT_SIGN_HEADERS,
@@ -36,6 +35,7 @@ from dkim_sidecar.config import (
     parse_selector,
     restart_required,
 )
+from dkim_sidecar.dkim.canon import Canon, Canonicalization
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "config" / "dkim-sidecar.example.yml"

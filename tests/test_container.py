@@ -999,7 +999,7 @@ def test_image_is_hardened(engine: Engine, sidecar_image: str) -> None:
             assert probe.returncode != 0, f"{package} is in the runtime image"
         # the C helper is built and loads: the fast body path, not the Python fallback
         engine.docker(
-            "exec", name, "/opt/dkim-sidecar/bin/python", "-c", "import dkim_sidecar._scan"
+            "exec", name, "/opt/dkim-sidecar/bin/python", "-c", "import dkim_sidecar.dkim._scan"
         )
     finally:
         engine.docker("rm", "-f", name, check=False)

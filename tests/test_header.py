@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from dkim_sidecar.header import (
+from dkim_sidecar.dkim.header import (
     FromResult,
     HeaderField,
     field_value,
@@ -16,7 +16,7 @@ from dkim_sidecar.header import (
     split_message,
     with_body_separator,
 )
-from dkim_sidecar.keys import parse_tag_list
+from dkim_sidecar.dkim.keys import parse_tag_list
 
 # --- split_message -----------------------------------------------------------------------------
 

@@ -15,9 +15,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization as ser
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
 
-from dkim_sidecar.canon import Canonicalization
-from dkim_sidecar.header import split_message
-from dkim_sidecar.keys import (
+from dkim_sidecar.dkim.canon import Canonicalization
+from dkim_sidecar.dkim.header import split_message
+from dkim_sidecar.dkim.keys import (
     Algorithm,
     KeyLoadError,
     SigningKey,
@@ -26,7 +26,7 @@ from dkim_sidecar.keys import (
     generate_key,
     parse_private_key,
 )
-from dkim_sidecar.signer import MessageSigner, SigningPolicy
+from dkim_sidecar.dkim.signer import MessageSigner, SigningPolicy
 
 VECTORS = Path(__file__).parent / "vectors"
 RFC8463_RSA_PEM = (VECTORS / "rfc8463_a1_rsa.pem").read_bytes()

@@ -25,10 +25,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from dkim_sidecar import runtime
-from dkim_sidecar.canon import Canonicalization
 from dkim_sidecar.config import PasswordError, parse_config, read_password
-from dkim_sidecar.header import split_message
-from dkim_sidecar.keys import Algorithm, SigningKey
+from dkim_sidecar.dkim.canon import Canonicalization
+from dkim_sidecar.dkim.header import split_message
+from dkim_sidecar.dkim.keys import Algorithm, SigningKey
+from dkim_sidecar.dkim.signer import MessageSigner, SigningPolicy
 from dkim_sidecar.keystore import (
     MAX_KEY_FILE,
     DirectoryKeySource,
@@ -39,7 +40,6 @@ from dkim_sidecar.keystore import (
     TableKeySource,
 )
 from dkim_sidecar.redis_source import NetworksFrom, RedisKeySource
-from dkim_sidecar.signer import MessageSigner, SigningPolicy
 from harness.redis import (
     RedisServer,
     free_port,

@@ -38,7 +38,7 @@ from typing import Any
 import pytest
 import redis
 
-from dkim_sidecar.keys import Algorithm, generate_key
+from dkim_sidecar.dkim.keys import Algorithm, generate_key
 from harness.dkimcheck import signature_domains, verify_results
 from harness.dnsserver import TxtServer
 from harness.postfix import PostfixInstance, SendResult, postfix_available

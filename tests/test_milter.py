@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from dkim_sidecar.keys import Algorithm, SigningKey, generate_key
+from dkim_sidecar.dkim.keys import Algorithm, SigningKey, generate_key
 from harness.dkimcheck import verify_all as verify
 from harness.sidecar import Sidecar, write_keys
 

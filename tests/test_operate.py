@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from dkim_sidecar import __version__
-from dkim_sidecar.keys import Algorithm, SigningKey, generate_key
+from dkim_sidecar.dkim.keys import Algorithm, SigningKey, generate_key
 from dkim_sidecar.mtaclient import MilterClient
 from harness.dkimcheck import verify_all
 from harness.procfs import socket_nodelay

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from dkim_sidecar import mtaclient
-from dkim_sidecar.keys import Algorithm, SigningKey, generate_key
+from dkim_sidecar.dkim.keys import Algorithm, SigningKey, generate_key
 from dkim_sidecar.mtaclient import MilterClient, ProtocolError, Result
 from harness.sidecar import Sidecar, wait_for, write_keys
 from test_robustness import dns_of, msg, pem, tag, verify

@@ -20,7 +20,7 @@ import pytest
 
 from dkim_sidecar import protocol as p
 from dkim_sidecar.config import Config, ConfigError, Listen, parse_config
-from dkim_sidecar.keys import Algorithm, SigningKey, generate_key
+from dkim_sidecar.dkim.keys import Algorithm, SigningKey, generate_key
 from dkim_sidecar.metrics import Metrics
 from dkim_sidecar.mtaclient import MilterClient
 from dkim_sidecar.peers import RETRY_SECONDS, MtaPeers, unguarded_listen_warning

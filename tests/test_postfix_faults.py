@@ -8,7 +8,7 @@ import threading
 import time
 from pathlib import Path
 
-from dkim_sidecar.keys import Algorithm, SigningKey, generate_key
+from dkim_sidecar.dkim.keys import Algorithm, SigningKey, generate_key
 from harness.dkimcheck import signature_domains, verify_all
 from harness.sidecar import Sidecar, wait_for, write_keys
 

@@ -1,4 +1,4 @@
-"""The C helper (`dkim_sidecar._scan`) and the pure-Python path give the same answers.
+"""The C helper (`dkim_sidecar.dkim._scan`) and the pure-Python path give the same answers.
 
 edge() and relax() of every build against slow references: test_scan_paths.py."""
 
@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dkim_sidecar import canon, session
+from dkim_sidecar import session
+from dkim_sidecar.dkim import canon
 
 helper = canon.scan_helper
 needs_c = pytest.mark.skipif(helper is None, reason="the C helper is not built")

@@ -20,8 +20,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dkim_sidecar import canon
-from dkim_sidecar.canon import BodyCanonicalizer, Canon
+from dkim_sidecar.dkim import canon
+from dkim_sidecar.dkim.canon import BodyCanonicalizer, Canon
 
 SOURCE = Path(canon.__file__).with_name("_scan.c")
 
@@ -35,7 +35,7 @@ def _build(tmp: Path, define: str | None) -> ModuleType | None:
     cmd += ["-I", sysconfig.get_paths()["include"], str(SOURCE), "-o", str(target)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    spec = importlib.util.spec_from_file_location("dkim_sidecar._scan", target)
+    spec = importlib.util.spec_from_file_location("dkim_sidecar.dkim._scan", target)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

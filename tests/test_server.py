@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from dkim_sidecar import protocol as p
 from dkim_sidecar.config import parse_config
-from dkim_sidecar.keys import Algorithm, SigningKey, generate_key
+from dkim_sidecar.dkim.keys import Algorithm, SigningKey, generate_key
 from dkim_sidecar.metrics import Metrics
 from dkim_sidecar.mtaclient import Result, apply_changes, split_header
 from dkim_sidecar.runtime import Controller

@@ -18,10 +18,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dkim_sidecar.canon import BodyHasher, Canon, Canonicalization, canon_header_relaxed
-from dkim_sidecar.header import HeaderField, split_message
-from dkim_sidecar.keys import Algorithm, SigningKey, generate_key
-from dkim_sidecar.signer import MessageSigner, SigningPolicy
+from dkim_sidecar.dkim.canon import BodyHasher, Canon, Canonicalization, canon_header_relaxed
+from dkim_sidecar.dkim.header import HeaderField, split_message
+from dkim_sidecar.dkim.keys import Algorithm, SigningKey, generate_key
+from dkim_sidecar.dkim.signer import MessageSigner, SigningPolicy
 
 VECTORS = Path(__file__).parent / "vectors"
 CRLF = b"\r\n"

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from dkim_sidecar.keys import Algorithm, SigningKey, generate_key
+from dkim_sidecar.dkim.keys import Algorithm, SigningKey, generate_key
 from harness.sidecar import Sidecar
 from test_robustness import (
     MESSAGES,

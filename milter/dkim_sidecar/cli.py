@@ -17,12 +17,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
-from .canon import Canonicalization
 from .config import Config, ConfigError, IPNetwork, load_config, mapped_ipv4
-from .header import split_message, with_body_separator
-from .keys import Algorithm, KeyLoadError, SigningKey, check_published, generate_key
+from .dkim.canon import Canonicalization
+from .dkim.header import split_message, with_body_separator
+from .dkim.keys import Algorithm, KeyLoadError, SigningKey, check_published, generate_key
+from .dkim.signer import MessageSigner, SigningPolicy
 from .keystore import KeySet, SourceUnavailable
-from .signer import MessageSigner, SigningPolicy
 
 DEFAULT_CONFIG = "/etc/dkim-sidecar/config.yml"
 

@@ -42,9 +42,9 @@ from typing import Any, TypeVar
 
 import yaml
 
-from dkim_sidecar.canon import Canon, Canonicalization
+from dkim_sidecar.dkim.canon import Canon, Canonicalization
+from dkim_sidecar.dkim.keys import a_label
 from dkim_sidecar.files import FileTooLarge, NotRegularFile, read_small_file
-from dkim_sidecar.keys import a_label
 
 __all__ = [
     "DEFAULT_KEY_DIRECTORY",

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .config import ENV_KEYS_DIRECTORY
-from .keys import Algorithm, SigningKey, generate_key
+from .dkim.keys import Algorithm, SigningKey, generate_key
 
 DOMAIN = "example.com"
 DEMO_KEYS = ((Algorithm.RSA_SHA256, "demo"), (Algorithm.ED25519_SHA256, "demo-ed"))

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from .dkim.keys import KeyLoadError, SigningKey
 from .files import FileTooLarge, NotRegularFile, read_small_file
-from .keys import KeyLoadError, SigningKey
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 

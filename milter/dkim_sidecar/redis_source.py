@@ -54,7 +54,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .keys import Algorithm, KeyLoadError, SigningKey, check_dns_name
+from .dkim.keys import Algorithm, KeyLoadError, SigningKey, check_dns_name
 from .keystore import Network, SourceResult, SourceUnavailable
 
 __all__ = ["NetworksFrom", "RedisKeySource"]

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from . import config as cfg
+from .dkim.signer import SigningPolicy
 from .keystore import (
     DirectoryKeySource,
     KeySet,
@@ -28,7 +29,6 @@ from .keystore import (
 from .logs import event
 from .metrics import Metrics
 from .peers import MtaPeers, unguarded_listen_warning
-from .signer import SigningPolicy
 
 log = logging.getLogger("dkim_sidecar")
 

@@ -16,8 +16,8 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from . import __version__
-from .canon import scan_helper
 from .config import Config, ListenKind
+from .dkim.canon import scan_helper
 from .logs import event
 from .metrics import Metrics, serve_http
 from .peers import unguarded_listen_warning

@@ -14,12 +14,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import canon
 from .config import DomainFrom, LongLines, OnError
-from .header import HeaderField, address_domain, from_domain, make_field, signed_domains
-from .keys import SigningKey
+from .dkim import canon
+from .dkim.header import HeaderField, address_domain, from_domain, make_field, signed_domains
+from .dkim.keys import SigningKey
+from .dkim.signer import MessageSigner
 from .runtime import Runtime
-from .signer import MessageSigner
 
 
 class Action(enum.Enum):

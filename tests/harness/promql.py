@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from prometheus_client.metrics import MetricWrapperBase
 
 from dkim_sidecar import __version__
-from dkim_sidecar.keys import Algorithm
+from dkim_sidecar.dkim.keys import Algorithm
 from dkim_sidecar.metrics import Metrics
 from dkim_sidecar.runtime import _SOURCE_NAMES
 from dkim_sidecar.session import Reason

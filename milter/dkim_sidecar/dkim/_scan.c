@@ -1,5 +1,5 @@
 /*
- * dkim_sidecar._scan: the body's hot loops, in C.
+ * dkim_sidecar.dkim._scan: the body's hot loops, in C.
  *
  * edge() answers, per chunk, the two questions the session's edge asks: is there a bare LF to
  * turn into CRLF, and a line over 998 octets (RFC 5322 section 2.1.1)? relax() does the
@@ -485,7 +485,7 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "dkim_sidecar._scan", NULL, -1, methods,
+    PyModuleDef_HEAD_INIT, "dkim_sidecar.dkim._scan", NULL, -1, methods,
 };
 
 PyMODINIT_FUNC
