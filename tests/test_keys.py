@@ -459,7 +459,15 @@ def test_signing_key_repr_and_equality_leave_the_key_out() -> None:
     ],
 )
 def test_check_dns_name_accepts(name: str, expected: str) -> None:
-    assert check_dns_name(name) == expected
+    assert check_dns_name(name, "selector") == expected
+    if "." in expected:  # a signing domain needs two labels
+        assert check_dns_name(name, "domain") == expected
+
+
+def test_a_signing_domain_needs_two_labels_and_a_name_for_its_top() -> None:
+    for name in ("localhost", "example.123"):
+        with pytest.raises(KeyLoadError, match="is not a valid domain name"):
+            check_dns_name(name, "domain")
 
 
 @pytest.mark.parametrize(

@@ -43,7 +43,7 @@ from typing import Any, TypeVar
 import yaml
 
 from dkim_sidecar.dkim.canon import Canon, Canonicalization
-from dkim_sidecar.dkim.keys import a_label
+from dkim_sidecar.dkim.names import BadName, dns_name
 from dkim_sidecar.files import FileTooLarge, NotRegularFile, read_small_file
 
 __all__ = [
@@ -202,72 +202,28 @@ class ListenKind(enum.StrEnum):
 
 # --- names -------------------------------------------------------------------------------------
 
-_LDH_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
 _HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")
 _HEADER_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+\Z")  # RFC 5322 §3.6.8 ftext
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
-def _to_a_labels(text: str) -> str:
-    """Lowercase, drop one trailing dot, convert U-labels to A-labels (as keys.check_dns_name)."""
-    name = text.strip()
-    if name.endswith("."):
-        name = name[:-1]
-    if not name.isascii():
-        try:
-            # per label, refusing names that IDNA 2003 would map onto another name (keys.py)
-            name = ".".join(a_label(label) for label in name.lower().split("."))
-        except UnicodeError:
-            raise ValueError("is not a valid internationalized name") from None
-    return name.lower()
-
-
-def _check_labels(name: str, *, min_labels: int) -> None:
-    labels = name.split(".")
-    if len(labels) < min_labels:
-        raise ValueError(f"needs at least {min_labels} labels")
-    for label in labels:
-        if not _LDH_LABEL.match(label):
-            raise ValueError(
-                f"label {label!r} is not letters, digits and inner hyphens (1-63 characters)"
-            )
-        if label.startswith("xn--"):
-            try:
-                label.encode("ascii").decode("idna")
-            except UnicodeError:
-                raise ValueError(f"label {label!r} is not a valid A-label") from None
-
-
 def parse_domain(text: str) -> str:
-    """A signing domain (d=, RFC 6376 §3.5: at least two sub-domains), lowercased, as A-labels.
+    """A signing domain (d=) by the one rule of dkim/names.py: lowercased, as A-labels.
 
     Raises ValueError with a message that names the value.
     """
     try:
-        name = _to_a_labels(text)
-        if len(name) > 253:
-            raise ValueError("is longer than 253 characters")
-        _check_labels(name, min_labels=2)
-        if name.rpartition(".")[2].isdigit():
-            raise ValueError("the top-level label is all digits: an IP address is no domain")
-    except ValueError as e:
+        return dns_name(text, "domain")
+    except BadName as e:
         raise ValueError(f"{_show(text)} is not a domain name ({e})") from None
-    return name
 
 
 def parse_selector(text: str) -> str:
-    """A DKIM selector (RFC 6376 §3.1: dot-separated sub-domains; U-labels become A-labels).
-
-    The case is kept as given (DNS matches it case-insensitively). Raises ValueError.
-    """
+    """A DKIM selector (s=) by the one rule of dkim/names.py. Raises ValueError."""
     try:
-        name = text.strip()
-        if not name.isascii():
-            name = _to_a_labels(name)
-        _check_labels(name.lower(), min_labels=1)
-    except ValueError as e:
+        return dns_name(text, "selector")
+    except BadName as e:
         raise ValueError(f"{_show(text)} is not a DKIM selector ({e})") from None
-    return name
 
 
 def is_forbidden_sign_header(name: str) -> bool:

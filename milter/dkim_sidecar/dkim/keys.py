@@ -10,20 +10,20 @@ import binascii
 import enum
 import functools
 import re
-import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
 
+from .names import BadName, dns_name, shown_name
+
 PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
 RSA_MIN_BITS = 1024  # RFC 8301 §3.2: signers MUST use at least 1024 bits
 RSA_MAX_BITS = 4096  # RFC 8301 §3.2: verifiers need only handle up to 4096 bits
-
-_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
 
 
 class KeyLoadError(ValueError):
@@ -42,50 +42,13 @@ class Algorithm(enum.Enum):
         return "rsa" if self is Algorithm.RSA_SHA256 else "ed25519"
 
 
-_SHOWABLE_NAME = re.compile(r"[^\t\n\r\f\v=+/]{1,80}\Z")
-
-
-def shown_name(name: str) -> str:
-    """A domain or selector as an error message may show it. Names can come from a hash that
-    was misconfigured to hold keys (a PEM, a base64 seed): a value that cannot be a name
-    (line breaks, tabs, base64's = + /, or long) is described, never shown."""
-    if _SHOWABLE_NAME.match(name) and name.isprintable():
-        return repr(name)
-    return f"a value of {len(name)} characters (not shown: it cannot be a name)"
-
-
-def check_dns_name(name: str, what: str = "domain") -> str:
-    """Lowercase and check a domain or selector (RFC 6376 §3.1: dot-separated labels).
-
-    Underscores are allowed: selectors and some domains use them. U-labels are turned into
-    A-labels (RFC 5890) so that d= is plain ASCII.
-    """
-    text = name.strip().rstrip(".").lower()
-    if not text.isascii():
-        try:
-            labels = [a_label(label) for label in text.split(".")]
-        except UnicodeError:
-            raise KeyLoadError(f"{shown_name(name)} is not a valid {what} name") from None
-        text = ".".join(labels)
-    labels = text.split(".")
-    if not text or len(text) > 253 or not all(_LABEL.match(label) for label in labels):
-        raise KeyLoadError(f"{shown_name(name)} is not a valid {what} name")
-    if what == "domain" and labels[-1].isdigit():
-        raise KeyLoadError(f"{name!r} is an address, not a {what} name")  # no numeric TLDs
-    return text
-
-
-def a_label(label: str) -> str:
-    """One label as an A-label. Python's codec is IDNA 2003 (RFC 3490), which maps some
-    labels onto another name (ß -> ss, final sigma -> sigma, ZWJ/ZWNJ dropped, compatibility
-    forms) where IDNA 2008 (RFC 5890) keeps them apart: `straße` would be signed as `strasse`,
-    someone else's domain. Only labels that map back to themselves are taken."""
-    if label.isascii():
-        return label
-    a_label = label.encode("idna").decode("ascii")
-    if a_label.encode("ascii").decode("idna") != unicodedata.normalize("NFC", label):
-        raise UnicodeError(f"{label!r} is not the same name under IDNA 2008")
-    return a_label
+def check_dns_name(name: str, what: Literal["domain", "selector"] = "domain") -> str:
+    """A domain or selector by the one rule (names.dns_name), or KeyLoadError that shows the
+    value only if it can be a name."""
+    try:
+        return dns_name(name, what)
+    except BadName as exc:
+        raise KeyLoadError(f"{shown_name(name)} is not a valid {what} name ({exc})") from None
 
 
 def parse_private_key(data: bytes) -> PrivateKey:
