@@ -1,5 +1,5 @@
 """A milter-protocol load client: P processes x T threads, each thread driving its own
-milter connections with dkim_sidecar.mtaclient.MilterClient, byte-exactly as Postfix would.
+milter connections with dkim_sidecar.milter.client.MilterClient, byte-exactly as Postfix would.
 
 By default every message gets a connection of its own (negotiate, connect, MAIL ... end of
 message, QUIT), as Postfix's smtpd opens one milter connection per SMTP session and
@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from dkim_sidecar.mtaclient import CHUNK, MilterClient, split_header
+from dkim_sidecar.milter.client import CHUNK, MilterClient, split_header
 
 
 @dataclass

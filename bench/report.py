@@ -310,7 +310,7 @@ def _sections(r: dict[str, Any]) -> list[str]:
             "",
             "## Milter protocol (bench/milterload.py)",
             "",
-            "Our MTA-side client (`dkim_sidecar.mtaclient.MilterClient`) in "
+            "Our MTA-side client (`dkim_sidecar.milter.client.MilterClient`) in "
             f"{ml['processes']} processes; a new milter connection for every message "
             "(negotiate, connect, MAIL, RCPT, DATA, header, end of header, body in 64 KB "
             "chunks, end of message, QUIT), as Postfix's smtpd does for one message per SMTP "

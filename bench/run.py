@@ -190,7 +190,7 @@ def run_milter(
     cfg: dict[str, Any], milters: list[Any], rss: dict[str, Any], record: bytes
 ) -> dict[str, Any]:
     from common import CLIENT_IP, median, verify
-    from dkim_sidecar.mtaclient import MilterClient
+    from dkim_sidecar.milter.client import MilterClient
     from harness.procfs import socket_nodelay
 
     nodelay = {}
@@ -380,7 +380,7 @@ def run_e2e(
 
 def memory_one(milter: Any, size_mb: int, warmup: int) -> dict[str, Any]:
     from common import CLIENT_IP, make_message
-    from dkim_sidecar.mtaclient import split_header
+    from dkim_sidecar.milter.client import split_header
     from milterload import one_connection
 
     small = split_header(make_message(4096))

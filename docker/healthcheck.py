@@ -11,7 +11,8 @@ venv Python, so it needs no curl. It finds the address to check the way the side
    DKIM_SIDECAR_LISTEN) instead.
 
 DKIM_SIDECAR_HEALTHCHECK_URL, when set, is fetched as is and nothing else is looked at.
-Standard library plus PyYAML (a dependency of the sidecar) only.
+It runs with the image's venv Python: the listen addresses are read by the sidecar's own
+parser (dkim_sidecar.milter.address), PyYAML reads the file.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import socket
 import sys
 import urllib.request
 from pathlib import Path
+
+from dkim_sidecar.milter.address import Listen, ListenKind
 
 DEFAULT_CONFIG = "/etc/dkim-sidecar/config.yml"
 DEFAULT_METRICS = "inet:127.0.0.1:9901"
@@ -58,20 +61,6 @@ def load_settings(path: str) -> dict[str, object]:
     return data if isinstance(data, dict) else {}
 
 
-def split_address(spec: str) -> tuple[int, str, int] | tuple[int, str]:
-    """inet:HOST:PORT, inet6:[ADDR]:PORT or unix:/path → a connectable (family, host, port)."""
-    kind, _, rest = spec.strip().partition(":")
-    if kind == "unix":
-        return (socket.AF_UNIX, rest)
-    host, _, port = rest.rpartition(":")
-    host = host.strip("[]")
-    if kind == "inet6":
-        return (socket.AF_INET6, "::1" if host in ("", "::") else host, int(port))
-    if kind == "inet":
-        return (socket.AF_INET, "127.0.0.1" if host in ("", "0.0.0.0", "*") else host, int(port))
-    raise ValueError(f"unsupported address {spec!r}")
-
-
 def check_http(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=TIMEOUT) as resp:  # noqa: S310 - local URL
@@ -80,13 +69,11 @@ def check_http(url: str) -> bool:
         return False
 
 
-def check_socket(address: tuple[int, str, int] | tuple[int, str]) -> bool:
-    family = address[0]
-    target = address[1] if family == socket.AF_UNIX else (address[1], address[2])
+def check_socket(family: int, address: str | tuple[str, int]) -> bool:
     try:
         with socket.socket(family, socket.SOCK_STREAM) as sock:
             sock.settimeout(TIMEOUT)
-            sock.connect(target)
+            sock.connect(address)
     except OSError:
         return False
     return True
@@ -108,20 +95,18 @@ def main() -> int:
 
     try:
         if isinstance(metrics_listen, str) and metrics_listen:
-            family, host, port = split_address(metrics_listen)  # type: ignore[misc]
-            if family == socket.AF_INET6:
-                host = f"[{host}]"
-            return 0 if check_http(f"http://{host}:{port}/healthz") else 1
+            family, target = Listen.parse(metrics_listen, allow_unix=False).connect_to()
+            assert isinstance(target, tuple)
+            host = f"[{target[0]}]" if family == socket.AF_INET6 else target[0]
+            return 0 if check_http(f"http://{host}:{target[1]}/healthz") else 1
         listen = os.environ.get("DKIM_SIDECAR_LISTEN", "").strip() or settings.get("listen")
-        if not isinstance(listen, str):
-            listen = DEFAULT_LISTEN
-        address = split_address(listen)
-        if check_socket(address):
+        address = Listen.parse(listen if isinstance(listen, str) else DEFAULT_LISTEN)
+        family, target = address.connect_to()
+        if check_socket(family, target):
             return 0
-        if listen.strip().startswith("inet6:[::]:"):
+        if address.kind is ListenKind.INET6 and address.host == "::":
             # the sidecar listens on IPv4 only where the container has no IPv6
-            port = int(listen.rpartition(":")[2])
-            return 0 if check_socket((socket.AF_INET, "127.0.0.1", port)) else 1
+            return 0 if check_socket(socket.AF_INET, ("127.0.0.1", target[1])) else 1
         return 1
     except ValueError as exc:
         print(f"healthcheck: {exc}", file=sys.stderr)

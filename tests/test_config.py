@@ -19,8 +19,6 @@ from dkim_sidecar.config import (
     DirectorySource,
     DomainFrom,
     Limits,
-    Listen,
-    ListenKind,
     LogFormat,
     LogLevel,
     LongLines,
@@ -36,6 +34,7 @@ from dkim_sidecar.config import (
     restart_required,
 )
 from dkim_sidecar.dkim.canon import Canon, Canonicalization
+from dkim_sidecar.milter.address import Listen, ListenKind
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "config" / "dkim-sidecar.example.yml"

@@ -1507,8 +1507,8 @@ def test_mailcow_stack_signs_with_the_key_from_redis(
 # MTA-side client; prints the action and the message as modified (base64), or "refused".
 _PEER_SCRIPT = """
 import base64, sys
-from dkim_sidecar.mtaclient import MilterClient
-from dkim_sidecar.protocol import ProtocolError
+from dkim_sidecar.milter.client import MilterClient
+from dkim_sidecar.milter.codec import ProtocolError
 address, client, message = sys.argv[1], sys.argv[2], base64.b64decode(sys.argv[3])
 try:
     with MilterClient(address, timeout=15) as c:

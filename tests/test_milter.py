@@ -290,8 +290,8 @@ def test_independent_milter_client_gets_a_verifying_signature(sidecar: Sidecar, 
 
 
 def test_milter_negotiates_what_it_needs(sidecar: Sidecar) -> None:
-    from dkim_sidecar import mtaclient as m
-    from dkim_sidecar import protocol
+    from dkim_sidecar.milter import client as m
+    from dkim_sidecar.milter import codec as protocol
 
     with sidecar.client() as c:
         assert c.protocol & m.P_HDR_LEADSPC  # exact header bytes
@@ -339,7 +339,7 @@ def test_mta_offering_fewer_options_gets_every_reply_it_waits_for(
     """An MTA that cannot leave out replies or events (an older Postfix, Sendmail) waits for
     an answer to each of them: every one comes, in order, and the signature still verifies.
     A reply too many or too few would shift every later answer by one."""
-    from dkim_sidecar import mtaclient as m
+    from dkim_sidecar.milter import client as m
 
     with m.MilterClient(sidecar.milter, timeout=10) as c:
         c.negotiate(protocol=m.ALL_PROTOCOL & ~withheld)

@@ -15,7 +15,7 @@ import pytest
 
 from dkim_sidecar import __version__
 from dkim_sidecar.dkim.keys import Algorithm, SigningKey, generate_key
-from dkim_sidecar.mtaclient import MilterClient
+from dkim_sidecar.milter.client import MilterClient
 from harness.dkimcheck import verify_all
 from harness.procfs import socket_nodelay
 from harness.sidecar import Sidecar, dns_table, wait_for, write_keys

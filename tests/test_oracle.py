@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 import yaml
 
-from dkim_sidecar import mtaclient
 from dkim_sidecar.dkim.keys import Algorithm, SigningKey, generate_key
-from dkim_sidecar.mtaclient import MilterClient, ProtocolError, Result
+from dkim_sidecar.milter import client as mtaclient
+from dkim_sidecar.milter.client import MilterClient, ProtocolError, Result
 from harness.sidecar import Sidecar, wait_for, write_keys
 from test_robustness import dns_of, msg, pem, tag, verify
 

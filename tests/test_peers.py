@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from dkim_sidecar import protocol as p
-from dkim_sidecar.config import Config, ConfigError, Listen, parse_config
+from dkim_sidecar.config import Config, ConfigError, parse_config
 from dkim_sidecar.dkim.keys import Algorithm, SigningKey, generate_key
 from dkim_sidecar.metrics import Metrics
-from dkim_sidecar.mtaclient import MilterClient
+from dkim_sidecar.milter import codec as p
+from dkim_sidecar.milter.address import Listen
+from dkim_sidecar.milter.client import MilterClient
 from dkim_sidecar.peers import RETRY_SECONDS, MtaPeers, unguarded_listen_warning
 from dkim_sidecar.runtime import Controller
 from dkim_sidecar.server import MilterServer

@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from dkim_sidecar import protocol as p
+from dkim_sidecar.milter import codec as p
 
 
 def connect_data(family: bytes, address: bytes, host: bytes = b"client.example") -> bytes:

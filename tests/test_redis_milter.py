@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from dkim_sidecar.dkim.header import split_message
-from dkim_sidecar.mtaclient import Result
+from dkim_sidecar.milter.client import Result
 from harness.dkimcheck import verify_all as verify
 from harness.redis import (
     RedisServer,

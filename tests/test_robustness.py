@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dkim_sidecar.dkim.keys import Algorithm, SigningKey, generate_key
-from dkim_sidecar.mtaclient import MilterClient, Result
+from dkim_sidecar.milter.client import MilterClient, Result
 from harness.dkimcheck import verify_all as verify
 from harness.sidecar import Sidecar, wait_for, write_keys
 

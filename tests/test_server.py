@@ -14,11 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dkim_sidecar import protocol as p
 from dkim_sidecar.config import parse_config
 from dkim_sidecar.dkim.keys import Algorithm, SigningKey, generate_key
 from dkim_sidecar.metrics import Metrics
-from dkim_sidecar.mtaclient import Result, apply_changes, split_header
+from dkim_sidecar.milter import codec as p
+from dkim_sidecar.milter.client import Result, apply_changes, split_header
 from dkim_sidecar.runtime import Controller
 from dkim_sidecar.server import MilterConnection, MilterServer
 from harness.dkimcheck import verify_all

@@ -191,7 +191,7 @@ SAMPLE = (
 
 def cmd_probe(args: argparse.Namespace) -> int:
     """Push one message through a running milter as Postfix would, and say what happened."""
-    from .mtaclient import MilterClient
+    from .milter.client import MilterClient
 
     message = to_crlf(_read(args.message)) if args.message else SAMPLE
     if args.sample_from and not args.message:

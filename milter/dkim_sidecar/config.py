@@ -30,9 +30,7 @@ import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from ipaddress import (
-    IPv4Address,
     IPv4Network,
-    IPv6Address,
     IPv6Network,
     ip_address,
     ip_network,
@@ -45,6 +43,7 @@ import yaml
 from dkim_sidecar.dkim.canon import Canon, Canonicalization
 from dkim_sidecar.dkim.names import BadName, dns_name
 from dkim_sidecar.files import FileTooLarge, NotRegularFile, read_small_file
+from dkim_sidecar.milter.address import HTTP_FORMS, MILTER_FORMS, Listen, ListenKind, is_host_name
 
 __all__ = [
     "DEFAULT_KEY_DIRECTORY",
@@ -64,8 +63,6 @@ __all__ = [
     "KeySource",
     "KeysConfig",
     "Limits",
-    "Listen",
-    "ListenKind",
     "LogFormat",
     "LogLevel",
     "LongLines",
@@ -194,15 +191,8 @@ class LogLevel(enum.StrEnum):
         }[self]
 
 
-class ListenKind(enum.StrEnum):
-    INET = "inet"
-    INET6 = "inet6"
-    UNIX = "unix"
-
-
 # --- names -------------------------------------------------------------------------------------
 
-_HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")
 _HEADER_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+\Z")  # RFC 5322 §3.6.8 ftext
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -286,74 +276,6 @@ DEFAULT_OVERSIGN_HEADERS: tuple[str, ...] = (
 DEFAULT_KEY_DIRECTORY = "/etc/dkim-sidecar/keys"
 
 # --- listen addresses --------------------------------------------------------------------------
-
-_MILTER_FORMS = "inet:HOST:PORT, inet6:[ADDR]:PORT or unix:/absolute/path"
-_HTTP_FORMS = "inet:HOST:PORT or inet6:[ADDR]:PORT"
-
-
-@dataclass(frozen=True)
-class Listen:
-    """A socket to listen on: `inet:HOST:PORT`, `inet6:[ADDR]:PORT` or `unix:/path`."""
-
-    kind: ListenKind
-    host: str | None = None
-    port: int | None = None
-    path: str | None = None
-
-    @classmethod
-    def parse(cls, text: str, *, allow_unix: bool = True) -> Listen:
-        """Parse the config spelling; raises ValueError naming the value and the forms expected."""
-        forms = _MILTER_FORMS if allow_unix else _HTTP_FORMS
-
-        def bad(why: str = "") -> ValueError:
-            detail = f": {why}" if why else ""
-            return ValueError(f"{_show(text)} is not a listen address{detail} (expected {forms})")
-
-        scheme, sep, rest = text.strip().partition(":")
-        scheme = scheme.lower()
-        if not sep:
-            raise bad()
-        if scheme == "unix":
-            if not allow_unix:
-                raise bad("a unix socket is not supported here")
-            if not rest.startswith("/"):
-                raise bad("a unix socket needs an absolute path")
-            if len(rest.encode()) > 107 or "\0" in rest:
-                raise bad("a unix socket path must be at most 107 bytes")
-            return cls(ListenKind.UNIX, path=rest)
-        if scheme not in ("inet", "inet6"):
-            raise bad()
-        host, sep, port_text = rest.rpartition(":")
-        if not sep or not port_text.isdigit() or not port_text.isascii():
-            raise bad("the port is missing")
-        port = int(port_text)
-        if not 1 <= port <= 65535:
-            raise bad(f"port {port} is out of range 1-65535")
-        if scheme == "inet6":
-            if not (host.startswith("[") and host.endswith("]")):
-                raise bad("inet6 needs the address in brackets")
-            try:
-                addr = IPv6Address(host[1:-1])
-            except ValueError:
-                raise bad(f"{host[1:-1]!r} is not an IPv6 address") from None
-            return cls(ListenKind.INET6, host=str(addr), port=port)
-        try:
-            IPv4Address(host)
-        except ValueError:
-            if ":" in host or host.startswith("["):
-                raise bad("an IPv6 address needs inet6:[ADDR]:PORT") from None
-            labels = host.split(".")
-            if not host or len(host) > 253 or not all(_HOST_LABEL.match(x) for x in labels):
-                raise bad(f"{host!r} is not a host name or IPv4 address") from None
-        return cls(ListenKind.INET, host=host, port=port)
-
-    def __str__(self) -> str:
-        if self.kind is ListenKind.UNIX:
-            return f"unix:{self.path}"
-        if self.kind is ListenKind.INET6:
-            return f"inet6:[{self.host}]:{self.port}"
-        return f"inet:{self.host}:{self.port}"
-
 
 # --- key sources -------------------------------------------------------------------------------
 
@@ -777,8 +699,7 @@ def _host(value: object) -> str:
         try:
             return str(ip_address(value))
         except ValueError:
-            labels = value.split(".")
-            if value and len(value) <= 253 and all(_HOST_LABEL.match(x) for x in labels):
+            if is_host_name(value):
                 return value
     raise _Invalid(f"{_show(value)} is not a host name or IP address")
 
@@ -805,7 +726,7 @@ def _choice(kind: type[E]) -> Callable[[object], E]:
 
 def _milter_listen(value: object) -> Listen:
     if not isinstance(value, str):
-        raise _Invalid(f"{_show(value)} is not a listen address (expected {_MILTER_FORMS})")
+        raise _Invalid(f"{_show(value)} is not a listen address (expected {MILTER_FORMS})")
     try:
         return Listen.parse(value)
     except ValueError as e:
@@ -816,7 +737,7 @@ def _http_listen(value: object) -> Listen | None:
     if value is None or value is False:  # YAML `off`/`false` is a boolean: also "disabled"
         return None
     if not isinstance(value, str):
-        raise _Invalid(f"{_show(value)} is not a listen address (expected {_HTTP_FORMS} or null)")
+        raise _Invalid(f"{_show(value)} is not a listen address (expected {HTTP_FORMS} or null)")
     try:
         return Listen.parse(value, allow_unix=False)
     except ValueError as e:

@@ -22,8 +22,9 @@ import time
 from collections.abc import Callable, Iterable
 from ipaddress import ip_address, ip_network
 
-from .config import Config, IPNetwork, ListenKind, RelayTable
+from .config import Config, IPNetwork, RelayTable
 from .logs import event
+from .milter.address import ListenKind
 
 __all__ = ["RETRY_SECONDS", "MtaPeers", "resolve_host", "unguarded_listen_warning"]
 

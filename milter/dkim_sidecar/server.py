@@ -39,10 +39,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import cast
 
-from . import protocol as p
-from .config import Listen, ListenKind, OnError
+from .config import OnError
 from .logs import event
 from .metrics import Metrics
+from .milter import codec as p
+from .milter.address import Listen, ListenKind
 from .runtime import Controller, Runtime
 from .session import Action, Reporter, Session
 

@@ -16,10 +16,11 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from . import __version__
-from .config import Config, ListenKind
+from .config import Config
 from .dkim.canon import scan_helper
 from .logs import event
 from .metrics import Metrics, serve_http
+from .milter.address import ListenKind
 from .peers import unguarded_listen_warning
 from .runtime import Controller
 from .server import MilterServer

@@ -79,7 +79,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dkim_sidecar.mtaclient import MilterClient
+from dkim_sidecar.milter.client import MilterClient
 
 from .postfix import free_port
 from .procfs import group_members

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from dkim_sidecar.dkim.keys import SigningKey
-from dkim_sidecar.mtaclient import MilterClient, Result
+from dkim_sidecar.milter.client import MilterClient, Result
 
 from . import leaks
 

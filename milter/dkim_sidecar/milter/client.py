@@ -12,7 +12,8 @@ import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from .protocol import (
+from .address import Listen
+from .codec import (
     ALL_ACTIONS,
     ALL_PROTOCOL,
     CHUNK,
@@ -71,16 +72,11 @@ _REPLIES = {
 
 
 def parse_address(text: str) -> tuple[int, object]:
-    """`inet:HOST:PORT`, `inet6:[ADDR]:PORT`, `unix:/path`, or plain `HOST:PORT`."""
-    kind, _, rest = text.partition(":")
-    if kind == "unix":
-        return socket.AF_UNIX, rest
-    if kind not in ("inet", "inet6"):
-        rest = text
-    host, _, port = rest.rpartition(":")
-    host = host.strip("[]")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return family, (host, int(port))
+    """(family, address) to connect to a milter at `inet:HOST:PORT`, `inet6:[ADDR]:PORT`,
+    `unix:/path` (address.Listen's spelling), or a plain `HOST:PORT`."""
+    if not text.startswith(("inet:", "inet6:", "unix:")):
+        text = "inet:" + text
+    return Listen.parse(text).connect_to()
 
 
 def split_header(message: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
