@@ -24,9 +24,11 @@ from dkim_sidecar.metrics import Metrics
 from dkim_sidecar.milter import codec as p
 from dkim_sidecar.milter.address import Listen
 from dkim_sidecar.milter.client import MilterClient
-from dkim_sidecar.peers import RETRY_SECONDS, MtaPeers, unguarded_listen_warning
+from dkim_sidecar.milter.server import MilterServer
+from dkim_sidecar.peers import RETRY_SECONDS, MtaGate, MtaPeers, unguarded_listen_warning
 from dkim_sidecar.runtime import Controller
-from dkim_sidecar.server import MilterServer
+from dkim_sidecar.service import milter_options
+from dkim_sidecar.session import Session
 from harness.dkimcheck import verify_all
 from harness.sidecar import Sidecar, dns_table, free_port, wait_for, write_keys
 
@@ -227,7 +229,11 @@ def test_an_unknown_peer_is_held_unread_while_the_names_are_resolved_again(
     assert dns.asked == 1
 
     async def scenario() -> tuple[bytes | None, ...]:
-        server = MilterServer(controller, lambda report: None, 1 << 20)
+        server = MilterServer(
+            lambda exact: Session(lambda: controller.current, lambda r: None, exact_headers=exact),
+            milter_options(1 << 20),
+            MtaGate(lambda: controller.peers, controller.metrics.connections_refused.inc),
+        )
         number = free_port()
         await server.start(Listen.parse(f"inet:127.0.0.1:{number}"))
         address = f"inet:127.0.0.1:{number}"

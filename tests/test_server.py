@@ -1,7 +1,8 @@
-"""The milter server's reading and framing (server.py), in process: the packet stream an MTA
-sends, cut into reads of any size the way asyncio hands them over (get_buffer, recv_into,
-buffer_updated), must give the same replies as the stream read whole, and a signature that
-dkimpy verifies. The sockets themselves are covered by the tests that run the sidecar."""
+"""The milter server's reading and framing (milter/connection.py), in process: the packet
+stream an MTA sends, cut into reads of any size the way asyncio hands them over (get_buffer,
+recv_into, buffer_updated), must give the same replies as the stream read whole, and a
+signature that dkimpy verifies. The sockets themselves are covered by the tests that run the
+sidecar."""
 
 from __future__ import annotations
 
@@ -19,8 +20,11 @@ from dkim_sidecar.dkim.keys import Algorithm, SigningKey, generate_key
 from dkim_sidecar.metrics import Metrics
 from dkim_sidecar.milter import codec as p
 from dkim_sidecar.milter.client import Result, apply_changes, split_header
+from dkim_sidecar.milter.connection import MilterConnection
+from dkim_sidecar.milter.server import MilterServer
 from dkim_sidecar.runtime import Controller
-from dkim_sidecar.server import MilterConnection, MilterServer
+from dkim_sidecar.service import milter_options
+from dkim_sidecar.session import Session
 from harness.dkimcheck import verify_all
 from harness.sidecar import dns_table, write_keys
 
@@ -57,7 +61,10 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[MilterServer, dict[
     )
     controller = Controller(None, config, Metrics())
     controller.refresh_keys()
-    server = MilterServer(controller, lambda report: None, 2 << 20)
+    server = MilterServer(
+        lambda exact: Session(lambda: controller.current, lambda r: None, exact_headers=exact),
+        milter_options(2 << 20),
+    )
     return server, dns_table([SigningKey.load("example.com", "s1", pem)])
 
 
@@ -154,7 +161,7 @@ def test_one_octet_at_a_time(setup) -> None:
 def test_a_packet_over_the_limit_closes_without_a_reply(setup) -> None:
     server, _ = setup
     data = p.packet(b"O", struct.pack("!III", 6, p.ALL_ACTIONS, p.ALL_PROTOCOL))
-    data += struct.pack("!I", server.max_packet + 1) + b"L"
+    data += struct.pack("!I", server.options.max_packet + 1) + b"L"
     t = feed(server, data, [7])
     assert [c for c, _ in replies(bytes(t.out))] == [b"O"] and t.closed
 

@@ -14,11 +14,13 @@ last good addresses. Unix sockets are governed by their file mode instead.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import socket
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from ipaddress import ip_address, ip_network
 
@@ -26,13 +28,14 @@ from .config import Config, IPNetwork, RelayTable
 from .logs import event
 from .milter.address import ListenKind
 
-__all__ = ["RETRY_SECONDS", "MtaPeers", "resolve_host", "unguarded_listen_warning"]
+__all__ = ["RETRY_SECONDS", "MtaGate", "MtaPeers", "resolve_host", "unguarded_listen_warning"]
 
 # An unknown peer makes us resolve the names again at most this often: a container that keeps
 # connecting cannot turn us into a DNS load generator.
 RETRY_SECONDS = 10.0
 
 Resolver = Callable[[str], Iterable[str]]
+_GENERATIONS = itertools.count(1)
 
 
 def resolve_host(name: str) -> frozenset[str]:
@@ -71,8 +74,9 @@ class MtaPeers:
         self._failing: set[str] = set()  # names whose failure was logged (once per episode)
         self._last_retry = -math.inf  # the last resolution an unknown peer asked for
         self._table = self._build()
-        # bumped whenever the table changes: the server then checks its open connections again
-        self.generation = 0
+        # new whenever allows() may answer differently: a new table, or a new MtaPeers (a
+        # reload); the server then checks its open connections again
+        self.generation = next(_GENERATIONS)
 
     def _build(self) -> RelayTable:
         hosts = [_host_network(a) for addrs in self._addresses.values() for a in addrs]
@@ -126,7 +130,7 @@ class MtaPeers:
             table = self._build()
             if table != self._table:
                 self._table = table
-                self.generation += 1
+                self.generation = next(_GENERATIONS)
 
     def describe(self) -> str:
         """What is allowed now, for logs and check-config."""
@@ -155,3 +159,46 @@ def unguarded_listen_warning(config: Config) -> str | None:
         "that port can ask for signatures of every domain; set mta_peers to your MTA "
         "(e.g. [postfix-mailcow])"
     )
+
+
+REFUSAL_LOG_SECONDS = 60.0  # a refused peer is logged at most this often
+_MAX_REFUSALS_LOGGED = 256  # distinct peers whose refusal is logged per minute
+
+
+class MtaGate:
+    """mta_peers as the milter server's peer gate (milter.api.PeerGate): the current MtaPeers
+    (a reload replaces it), and each refusal counted and logged, at most once a minute per
+    peer (and, with a flood of peers, at most 256 a minute in all)."""
+
+    def __init__(self, peers: Callable[[], MtaPeers], count: Callable[[], None]) -> None:
+        self._peers = peers
+        self._count = count
+        self._logged: OrderedDict[str, float] = OrderedDict()  # peer -> when, oldest first
+
+    @property
+    def generation(self) -> int:
+        return self._peers().generation
+
+    def allows(self, ip: str) -> bool:
+        return self._peers().allows(ip)
+
+    def may_retry(self) -> bool:
+        return self._peers().may_retry()
+
+    def retry(self) -> None:
+        self._peers().retry()
+
+    def refused(self, ip: str) -> None:
+        self._count()
+        now = time.monotonic()
+        logged = self._logged
+        while logged and now - next(iter(logged.values())) >= REFUSAL_LOG_SECONDS:
+            logged.popitem(last=False)  # oldest first: forget what was logged a minute ago
+        if ip not in logged and len(logged) < _MAX_REFUSALS_LOGGED:
+            logged[ip] = now
+            event(
+                logging.WARNING,
+                "milter connection refused: the peer is not in mta_peers",
+                peer=ip,
+                allowed=self._peers().describe(),
+            )

@@ -19,15 +19,8 @@ from .dkim import canon
 from .dkim.header import HeaderField, address_domain, from_domain, make_field, signed_domains
 from .dkim.keys import SigningKey
 from .dkim.signer import MessageSigner
+from .milter.api import Action, Macros
 from .runtime import Runtime
-
-
-class Action(enum.Enum):
-    """What the MTA is told; the adapter maps these onto the milter protocol."""
-
-    CONTINUE = "continue"
-    ACCEPT = "accept"  # no more callbacks for this message (or connection, at connect)
-    TEMPFAIL = "tempfail"
 
 
 class Reason(enum.StrEnum):
@@ -251,8 +244,9 @@ class Session:
             return Action.ACCEPT
         return Action.CONTINUE
 
-    def mail(self, sender: bytes, auth_authen: str | None) -> Action:
+    def mail(self, sender: bytes, macros: Macros) -> Action:
         """MAIL FROM: a message starts; it keeps this runtime snapshot to its end."""
+        auth_authen = macros("{auth_authen}")
         runtime = self._current()
         self.queue_id = None
         self._msg = _Message(runtime, self._timer(), sender=sender)
@@ -282,11 +276,11 @@ class Session:
         msg.fields.append(f)
         return Action.CONTINUE
 
-    def end_of_headers(self, queue_id: str | None) -> Action:
+    def end_of_headers(self, macros: Macros) -> Action:
         msg = self._msg
         if msg is None:
             return Action.ACCEPT
-        self.queue_id = queue_id or self.queue_id
+        self.queue_id = macros("i") or self.queue_id
         try:
             return self._decide(msg)
         except Exception as exc:  # noqa: BLE001 - one policy for every internal error
@@ -306,12 +300,12 @@ class Session:
             return self._fail(exc)
         return Action.CONTINUE
 
-    def end_of_message(self, queue_id: str | None) -> tuple[Action, list[bytes]]:
+    def end_of_message(self, macros: Macros) -> tuple[Action, list[bytes]]:
         """ACCEPT, with the DKIM-Signature fields to insert at the top (first = topmost)."""
         msg = self._msg
         if msg is None or msg.signer is None:
             return Action.ACCEPT, []
-        self.queue_id = queue_id or self.queue_id
+        self.queue_id = macros("i") or self.queue_id
         try:
             t0 = self._timer()
             fields = msg.signer.sign(msg.fields)
@@ -330,6 +324,15 @@ class Session:
 
     def close(self) -> None:
         self.abort()
+
+    def failed(self) -> Action:
+        """An event raised past the session's own handling (a bug; the server logged it): the
+        failure policy, and the message in progress, if any, ends as an error."""
+        msg = self._msg
+        action = _policy(msg.runtime if msg is not None else self._current())
+        if msg is not None:
+            self._finish(msg, Reason.ERROR, action, detail="internal error (see the log)")
+        return action
 
     # --- decisions ---------------------------------------------------------------------------
 
@@ -370,9 +373,7 @@ class Session:
         msg = self._msg
         if msg is None:
             return Action.ACCEPT
-        action = (
-            Action.TEMPFAIL if msg.runtime.config.on_error is OnError.TEMPFAIL else Action.ACCEPT
-        )
+        action = _policy(msg.runtime)
         self._finish(msg, Reason.ERROR, action, detail=f"{type(exc).__name__}: {exc}")
         return action
 
@@ -400,3 +401,8 @@ class Session:
                 detail=detail,
             )
         )
+
+
+def _policy(runtime: Runtime) -> Action:
+    """The one failure policy (on_error): let the message go unsigned, or tempfail it."""
+    return Action.TEMPFAIL if runtime.config.on_error is OnError.TEMPFAIL else Action.ACCEPT

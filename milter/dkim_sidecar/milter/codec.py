@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Mapping
 
 VERSION = 6
 
@@ -59,7 +60,7 @@ REPLY_CONTINUE = packet(R_CONTINUE)
 REPLY_TEMPFAIL = packet(R_TEMPFAIL)
 
 
-def negotiate_reply(actions: int, protocol: int, macros: dict[int, str]) -> bytes:
+def negotiate_reply(actions: int, protocol: int, macros: Mapping[int, str]) -> bytes:
     """SMFIC_OPTNEG answered: our version, actions and protocol flags, then for each stage the
     macros we want there (uint32 stage, "names\\0"), which Postfix honours over its own
     milter_*_macros settings."""
