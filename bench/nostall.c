@@ -1,7 +1,7 @@
 /* LD_PRELOAD shim for the benchmark only: OpenDKIM without its two TCP stalls.
  *
  * libmilter sets no TCP_NODELAY, and OpenDKIM asks Postfix to skip the DATA step, so through
- * Postfix each message waits about 40 ms twice on delayed ACKs (issue 7). That makes
+ * Postfix each message waits about 40 ms twice on delayed ACKs (docs/benchmarks.md). That makes
  * OpenDKIM's end-to-end rate a measure of those waits, not of its work. Loaded into OpenDKIM,
  * this sets TCP_NODELAY on every accepted connection and TCP_QUICKACK after every read (Linux
  * clears it again by itself), so neither side waits on a delayed ACK and OpenDKIM's end-to-end

@@ -426,7 +426,7 @@ def _written_before_finish(canon: Canon, body: bytes, chunk: int) -> int:
     ids=["text", "sp-cr", "cr-pairs", "cr-run"],
 )
 def test_long_line_is_not_held_whole(canon: Canon, body: bytes) -> None:
-    # Style item 2 / canon.py: only the current partial line is held, bounded by _MAX_CARRY.
+    # canon.py streams: only the current partial line is held, bounded by _MAX_CARRY.
     # These bodies have no WSP runs, so canonical output is as long as the input consumed. A run
     # of bare CRs: only its last CR may still pair with an LF (was held whole, fixed in f624dcd).
     chunk = 4096

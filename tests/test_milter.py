@@ -297,9 +297,9 @@ def test_milter_negotiates_what_it_needs(sidecar: Sidecar) -> None:
         assert c.protocol & m.P_HDR_LEADSPC  # exact header bytes
         assert c.protocol & m.P_NR_HDR  # no reply per header
         assert c.protocol & m.P_NOHELO and c.protocol & m.P_NORCPT
-        assert not c.protocol & m.P_NODATA  # the DATA step is answered (issue 7)
+        assert not c.protocol & m.P_NODATA  # the DATA step is answered (docs/design.md)
         assert not c.protocol & m.P_NR_DATA and not c.protocol & m.P_NR_CONN
-        # no round trip where no decision is due (issue 7): MAIL, end of header, body
+        # no round trip where no decision is due (docs/design.md): MAIL, end of header, body
         for flag in (m.P_NR_MAIL, m.P_NR_EOH, m.P_NR_BODY):
             assert c.protocol & flag
         assert c.macros.get("M") == ["{auth_authen}"]

@@ -1,4 +1,4 @@
-"""Operating the sidecar: a real process, real signals, real HTTP (issue 5)."""
+"""Operating the sidecar: a real process, real signals, real HTTP."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def make(tmp_path: Path, pem: bytes, **config) -> Sidecar:
 
 def test_milter_connections_have_tcp_nodelay(tmp_path: Path, pem: bytes) -> None:
     """Every reply is one write; with Nagle on, one written while Postfix's ACK of the previous
-    is delayed would wait ~40 ms for it (issue 7). Read on the sidecar's own accepted socket,
+    is delayed would wait ~40 ms for it (docs/design.md). Read on the sidecar's own accepted socket,
     in the running process (pidfd_getfd). uvloop and asyncio set the flag too, so this checks
     the outcome (nothing of ours turns it off), whoever sets it."""
     s = make(tmp_path, pem).start()

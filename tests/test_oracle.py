@@ -1,4 +1,5 @@
-"""The signing-oracle guarantee (DESIGN §7), from every angle, against the real sidecar process.
+"""The signing-oracle guarantee (README, security model), from every angle, against the real
+sidecar process.
 
 Only a client inside the relay networks, by the address the MTA reports at connect, gets a
 signature: never by a header, never by a macro, never by a hostname, never across a reload that

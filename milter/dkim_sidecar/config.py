@@ -1,6 +1,6 @@
 """The validated configuration model: YAML (plus environment overrides) → a frozen `Config`.
 
-Two stages (STYLE item 6): a YAML document is parsed into plain Python data, then checked key by
+Two stages: a YAML document is parsed into plain Python data, then checked key by
 key into frozen dataclasses and Enums. Unknown keys are errors, and every problem is collected
 and reported together, one per line, each naming the file, the key path, the bad value and what
 was expected::

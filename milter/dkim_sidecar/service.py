@@ -89,7 +89,7 @@ def event_loop() -> tuple[Callable[[Coroutine[Any, Any, int]], int], str]:
     Each message is several wake-ups of the loop (through Postfix, strace counts five reads
     per message, as Postfix buffers the packets that need no reply, and four replies); uvloop's
     wake-up costs a fraction of asyncio's Python one. Measured through a real Postfix, side by
-    side (issue 7): about 10% less milter CPU per message, all else the same.
+    side: about 10% less milter CPU per message, all else the same (docs/design.md).
     """
     try:
         import uvloop

@@ -1,9 +1,10 @@
 """One milter connection and the messages on it: every signing decision is made here.
 
-This layer knows nothing of the protocol: the server (server.py) passes each milter event
-on and carries the answer back. Decisions are taken as early as possible (DESIGN §4): the
-client address at connect, authentication at MAIL, keys and existing signatures at the end
-of the header; only then is the body hashed.
+Session is the milter server's per-connection handler (milter/api.Handler): the server passes
+each event on and carries the answer back; Session knows nothing of the protocol. Decisions
+are taken as early as possible (docs/design.md): the client address at connect,
+authentication at MAIL, keys and existing signatures at the end of the header; only then is
+the body hashed.
 """
 
 from __future__ import annotations
@@ -113,8 +114,9 @@ _BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
 class CrlfFixer:
-    """The MTA's line ends turned into CRLF at the edge (STYLE 3): bare LF → CRLF (pure
-    Python). A CR ending one chunk and the LF starting the next are one line end."""
+    """The MTA's line ends turned into CRLF at the edge (the DKIM core takes CRLF only): bare
+    LF → CRLF (pure Python). A CR ending one chunk and the LF starting the next are one line
+    end."""
 
     __slots__ = ("_prev_cr",)
 
@@ -235,7 +237,7 @@ class Session:
 
     def connect(self, client_ip: str | None) -> Action:
         """A (new) client: after XCLIENT Postfix sends another connect on the same session,
-        so the latest connect is the one that counts (DESIGN §8)."""
+        so the latest connect is the one that counts (XCLIENT: tests/test_postfix.py)."""
         self._msg = None
         self.client_ip = client_ip
         runtime = self._current()
