@@ -27,11 +27,12 @@ from dkim_sidecar.config import (
     RedisSource,
     TableEntry,
     TableSource,
+    keep_restart_settings,
     load_config,
+    packet_limit,
     parse_config,
     parse_domain,
     parse_selector,
-    restart_required,
 )
 from dkim_sidecar.dkim.canon import Canon, Canonicalization
 from dkim_sidecar.milter.address import Listen, ListenKind
@@ -898,15 +899,32 @@ def test_file_and_env_problems_together(tmp_path: Path) -> None:
 # --- reload ------------------------------------------------------------------------------------
 
 
-def test_restart_required() -> None:
+def test_what_needs_a_restart_is_kept_and_named() -> None:
     old = Config()
-    assert restart_required(old, old) == []
+    assert keep_restart_settings(old, old) == (old, [])
     changed = dataclasses.replace(old, log_level=LogLevel.DEBUG, relay_networks=())
-    assert restart_required(old, changed) == []
+    assert keep_restart_settings(old, changed) == (changed, [])
     moved = parse_config({"listen": "inet:0.0.0.0:8891"}, "c", {})
-    assert restart_required(old, moved) == ["listen"]
+    kept, names = keep_restart_settings(old, moved)
+    assert names == ["listen"] and kept.listen == old.listen
     both = parse_config({"listen": "unix:/run/m.sock", "metrics": {"listen": None}}, "c", {})
-    assert restart_required(old, both) == ["listen", "metrics.listen"]
+    kept, names = keep_restart_settings(old, both)
+    assert names == ["listen", "metrics.listen"]
+    assert kept.listen == old.listen and kept.metrics == old.metrics
+
+
+def test_a_header_cap_past_the_servers_packet_limit_needs_a_restart() -> None:
+    """The server takes its packet limit at start; a reload that raised the header cap past
+    it would let the session keep fields the server ends the connection on."""
+    old = Config()
+    within = parse_config({"limits": {"max_header_bytes": 512 * 1024}}, "c", {})
+    assert keep_restart_settings(old, within) == (within, [])  # the packet limit stays
+    past = parse_config({"limits": {"max_header_bytes": 8 << 20}}, "c", {})
+    assert packet_limit(past) > packet_limit(old)
+    kept, names = keep_restart_settings(old, past)
+    assert names == ["limits.max_header_bytes"]
+    assert kept.limits.max_header_bytes == old.limits.max_header_bytes
+    assert kept.limits.max_headers == past.limits.max_headers
 
 
 # --- the example file --------------------------------------------------------------------------

@@ -73,11 +73,12 @@ __all__ = [
     "TableEntry",
     "TableSource",
     "is_forbidden_sign_header",
+    "keep_restart_settings",
     "load_config",
+    "packet_limit",
     "parse_config",
     "parse_domain",
     "parse_selector",
-    "restart_required",
 ]
 
 IPNetwork = IPv4Network | IPv6Network
@@ -540,14 +541,32 @@ class Config:
         return self._relay.contains(ip)
 
 
-def restart_required(old: Config, new: Config) -> list[str]:
-    """The settings that differ between two configs and only take effect after a restart."""
+def packet_limit(config: Config) -> int:
+    """The largest milter packet the server takes. A header field comes in one packet
+    (Postfix: up to header_size_limit, 100 KB by default): the configured header cap and more,
+    but not without bound. Fixed when the server starts."""
+    return max(config.limits.max_header_bytes, 1 << 20) + 65536
+
+
+def keep_restart_settings(old: Config, new: Config) -> tuple[Config, list[str]]:
+    """The one list of what a reload cannot change: `new` with those settings as `old` has
+    them, and the names of the ones that differ (they need a restart)."""
     changed: list[str] = []
+    listen, metrics_listen, limits = new.listen, new.metrics.listen, new.limits
     if old.listen != new.listen:
         changed.append("listen")
+        listen = old.listen
     if old.metrics.listen != new.metrics.listen:
         changed.append("metrics.listen")
-    return changed
+        metrics_listen = old.metrics.listen
+    if packet_limit(new) > packet_limit(old):
+        # the server would end the connection at a header field the session may now keep
+        changed.append("limits.max_header_bytes")
+        limits = replace(new.limits, max_header_bytes=old.limits.max_header_bytes)
+    kept = replace(
+        new, listen=listen, metrics=replace(new.metrics, listen=metrics_listen), limits=limits
+    )
+    return kept, changed
 
 
 # --- loading -----------------------------------------------------------------------------------

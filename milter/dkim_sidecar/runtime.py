@@ -7,7 +7,6 @@ when building fails, the old snapshot keeps serving and the failure is logged an
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import logging
 import os
@@ -305,7 +304,7 @@ class Controller:
 
     def reload(self) -> bool:
         """SIGHUP: a whole new config and key set, or nothing changes."""
-        from .config import ConfigError, load_config, restart_required
+        from .config import ConfigError, keep_restart_settings, load_config
 
         with self._lock:
             old = self.current
@@ -321,13 +320,13 @@ class Controller:
                     problems=str(exc),
                 )
                 return False
-            for name in restart_required(old.config, config):
+            config, changed = keep_restart_settings(old.config, config)
+            for name in changed:
                 event(
                     logging.WARNING,
                     "setting changed but needs a restart; old value kept",
                     setting=name,
                 )
-            config = _keep_restart_settings(old.config, config)
             slots = self._make_slots(config, self._slots)
             keys, all_ok = self._load_slots(slots)
             # resolved before the swap: the next connection meets a complete table
@@ -409,9 +408,3 @@ def _refuse_empty(path: str | None) -> None:
         return  # load_config reports it
     if empty:
         raise ConfigError([f"{path}: the file is empty (a write in progress?); not reloaded"])
-
-
-def _keep_restart_settings(old: cfg.Config, new: cfg.Config) -> cfg.Config:
-    """Listen addresses cannot change without a restart: keep the ones in use."""
-    metrics = dataclasses.replace(new.metrics, listen=old.metrics.listen)
-    return dataclasses.replace(new, listen=old.listen, metrics=metrics)

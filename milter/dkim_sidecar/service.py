@@ -17,7 +17,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from . import __version__
-from .config import Config
+from .config import Config, packet_limit
 from .dkim.canon import scan_helper
 from .logs import event
 from .metrics import Metrics, serve_http
@@ -191,9 +191,7 @@ class Service:
 
         config = self.config
         listen = config.listen
-        # a header field comes in one packet (Postfix: up to header_size_limit, 100 KB by
-        # default); allow the configured header cap and more, but not without bound
-        max_packet = max(config.limits.max_header_bytes, 1 << 20) + 65536
+        max_packet = packet_limit(config)
         controller, reporter, metrics = self.controller, self.reporter, self.metrics
 
         def new_session(exact_headers: bool) -> Session:
