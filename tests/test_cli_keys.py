@@ -596,3 +596,14 @@ def test_postfix_map_with_redis_down_says_what_is_missing(tmp_path: Path) -> Non
     assert p.returncode == 1
     assert "192.0.2.0/24\t" in out
     assert "unreachable (its networks are missing above)" in err and PASSWORD not in err
+
+
+def test_postfix_maps_default_milters_are_the_line_of_postfix_extra_cf() -> None:
+    """`postfix-map` writes, for each relay network, the milter list that config/postfix-extra.cf
+    gives smtpd_milters: the two must never drift apart."""
+    from dkim_sidecar.cli import DEFAULT_MAP_MILTERS
+
+    extra = Path(__file__).resolve().parents[1] / "config" / "postfix-extra.cf"
+    lines = [ln for ln in extra.read_text().splitlines() if ln.startswith("smtpd_milters = ")]
+    assert len(lines) == 1, lines
+    assert lines[0].removeprefix("smtpd_milters = ") == DEFAULT_MAP_MILTERS

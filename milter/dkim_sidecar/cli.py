@@ -22,6 +22,7 @@ from .dkim.canon import Canonicalization
 from .dkim.header import split_message, with_body_separator
 from .dkim.keys import Algorithm, KeyLoadError, SigningKey, check_published, generate_key
 from .dkim.signer import MessageSigner, SigningPolicy
+from .files import write_new_secret
 from .keystore import KeySet, SourceUnavailable
 
 DEFAULT_CONFIG = "/etc/dkim-sidecar/config.yml"
@@ -173,6 +174,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if not results:
         print("no DKIM-Signature found")
         return 1
+    return _print_verdicts(results)
+
+
+def _print_verdicts(results: list[tuple[bool, str]]) -> int:
+    """One line a signature, topmost first; exit status 0 only if every one passed."""
     for i, (_, line) in enumerate(results, 1):
         print(f"signature {i}: {line}")
     return 0 if all(ok for ok, _ in results) else 1
@@ -218,11 +224,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     if args.show:
         sys.stdout.buffer.write(result.message)
     print(f"signed: {len(result.signatures)} signature(s)")
-    records = _records(args)
-    results = verify_message(result.message, records)
-    for i, (_, line) in enumerate(results, 1):
-        print(f"signature {i}: {line}")
-    return 0 if all(ok for ok, _ in results) else 1
+    return _print_verdicts(verify_message(result.message, _records(args)))
 
 
 # --- keys / check-config ---------------------------------------------------------------------
@@ -381,11 +383,10 @@ def cmd_genkey(args: argparse.Namespace) -> int:
     key = SigningKey.load(args.domain, args.selector, pem)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"{key.domain}.{key.selector}.key")
-    if os.path.exists(path):
-        raise UsageError(f"{path} exists; not overwritten")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
+    try:
+        write_new_secret(path, pem)
+    except FileExistsError:
+        raise UsageError(f"{path} exists; not overwritten") from None
     print(f"wrote {path}")
     print(f'{key.dns_name}. IN TXT "{key.dns_record()}"')
     return 0

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .config import ENV_KEYS_DIRECTORY
 from .dkim.keys import Algorithm, SigningKey, generate_key
+from .files import write_new_secret
 
 DOMAIN = "example.com"
 DEMO_KEYS = ((Algorithm.RSA_SHA256, "demo"), (Algorithm.ED25519_SHA256, "demo-ed"))
@@ -27,9 +28,7 @@ def prepare(base: Path) -> Path:
     for algorithm, selector in DEMO_KEYS:
         path = keys / f"{DOMAIN}.{selector}.key"
         if not path.exists():
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(generate_key(algorithm))
+            write_new_secret(path, generate_key(algorithm))
             print(f"made demo key {path}")
         key = SigningKey.load(DOMAIN, selector, path.read_bytes(), "demo")
         records.append(f'{key.dns_name}="{key.dns_record()}"')

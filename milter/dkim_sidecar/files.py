@@ -1,4 +1,5 @@
-"""Reading the small files a secret lives in (private keys, the Redis password).
+"""The small files a secret lives in (private keys, the Redis password): reading them, and
+writing a new key file.
 
 One descriptor from open to read: the checks apply to the file that is read, not to whatever
 stood at the path a moment before. Only regular files: a FIFO would block the key refresh
@@ -56,3 +57,11 @@ def read_small_file(path: str | Path, limit: int) -> bytes:
         return data
     finally:
         os.close(fd)
+
+
+def write_new_secret(path: str | Path, data: bytes) -> None:
+    """Create `path` with mode 0600 and write `data`; FileExistsError if anything is there
+    (a key file is never overwritten, and never readable by others for a moment)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)

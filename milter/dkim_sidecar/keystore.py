@@ -11,7 +11,6 @@ import ipaddress
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 from .dkim.keys import KeyLoadError, SigningKey
@@ -112,13 +111,22 @@ class KeySet:
         return sum(len(keys) for keys in self.by_domain.values())
 
 
-def _read_key_file(path: Path) -> bytes:
+def _load_key_file(
+    path: str, domain: str, selector: str, source: str, problems: list[str]
+) -> SigningKey | None:
+    """The key in a key file, or None with the reason added to `problems` (never its text)."""
     try:
-        return read_small_file(path, MAX_KEY_FILE)
+        data = read_small_file(path, MAX_KEY_FILE)
+        return SigningKey.load(domain, selector, data, source)
     except FileTooLarge as exc:
-        raise KeyLoadError(f"file of {exc.size} bytes is too large to be a key") from None
+        problems.append(f"{path}: file of {exc.size} bytes is too large to be a key")
     except NotRegularFile:
-        raise KeyLoadError("not a regular file") from None
+        problems.append(f"{path}: not a regular file")
+    except KeyLoadError as exc:
+        problems.append(f"{path}: {exc}")
+    except OSError as exc:
+        problems.append(f"{path}: cannot read: {exc.strerror}")
+    return None
 
 
 @dataclass(frozen=True)
@@ -152,13 +160,9 @@ class DirectoryKeySource:
             if not dot or not domain:
                 problems.append(f"{entry.path}: name is not <domain>.<selector>.key; file skipped")
                 continue
-            try:
-                data = _read_key_file(Path(entry.path))
-                keys.append(SigningKey.load(domain, selector, data, f"directory {self.path}"))
-            except KeyLoadError as exc:
-                problems.append(f"{entry.path}: {exc}")
-            except OSError as exc:
-                problems.append(f"{entry.path}: cannot read: {exc.strerror}")
+            key = _load_key_file(entry.path, domain, selector, f"directory {self.path}", problems)
+            if key is not None:
+                keys.append(key)
         return SourceResult(tuple(keys), tuple(problems))
 
 
@@ -187,11 +191,7 @@ class TableKeySource:
         keys: list[SigningKey] = []
         problems: list[str] = []
         for e in self.entries:
-            try:
-                data = _read_key_file(Path(e.key_file))
-                keys.append(SigningKey.load(e.domain, e.selector, data, "table"))
-            except KeyLoadError as exc:
-                problems.append(f"{e.key_file}: {exc}")
-            except OSError as exc:
-                problems.append(f"{e.key_file}: cannot read: {exc.strerror}")
+            key = _load_key_file(e.key_file, e.domain, e.selector, "table", problems)
+            if key is not None:
+                keys.append(key)
         return SourceResult(tuple(keys), tuple(problems))
