@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dkim_sidecar import session
+from dkim_sidecar import edge as edges
 from dkim_sidecar.dkim import canon
 
 helper = canon.scan_helper
@@ -24,12 +24,12 @@ octets = st.lists(
 ).map(b"".join)
 
 
-def python_edge() -> session.BodyEdge:
+def python_edge() -> edges.BodyEdge:
     """A BodyEdge on the pure-Python fallback (CrlfFixer, LongLineScanner)."""
     saved = canon.scan_helper
     canon.scan_helper = None
     try:
-        return session.BodyEdge()
+        return edges.BodyEdge()
     finally:
         canon.scan_helper = saved
 
@@ -49,7 +49,7 @@ def test_relaxed_whitespace_c_and_python_agree(lines: list[bytes]) -> None:
 def test_body_edge_c_and_python_agree(body: bytes, cuts: list[int]) -> None:
     points = sorted({min(c, len(body)) for c in cuts} | {0, len(body)})
     chunks = [body[a:b] for a, b in itertools.pairwise(points) if b > a]
-    fast = session.BodyEdge()
+    fast = edges.BodyEdge()
     slow = python_edge()
     out_fast = b"".join(fast(c) for c in chunks)
     out_slow = b"".join(slow(c) for c in chunks)
@@ -59,7 +59,7 @@ def test_body_edge_c_and_python_agree(body: bytes, cuts: list[int]) -> None:
 
 def test_long_line_edges() -> None:
     for n, long in ((998, False), (999, True)):
-        edge = session.BodyEdge()
+        edge = edges.BodyEdge()
         edge(b"x" * (n - 10))
         edge(b"x" * 10 + b"\r")
         edge(b"\nok\r\n")
@@ -85,7 +85,7 @@ def test_long_line_ended_by_a_bare_lf(path: str, n: int, long: bool) -> None:
     # RFC 5322 §2.1.1: 998 octets before the CRLF. The bare LF becomes CRLF first, so 999
     # octets and a bare LF are one over, though 999 octets and the LF alone are not.
     for name, chunks in _bare_lf_bodies(n):
-        edge = session.BodyEdge() if path == "c" else python_edge()
+        edge = edges.BodyEdge() if path == "c" else python_edge()
         out = b"".join(edge(c) for c in chunks)
         assert out == b"".join(chunks).replace(b"\n", b"\r\n").replace(b"\r\r\n", b"\r\n")
         assert edge.long_line is long, name

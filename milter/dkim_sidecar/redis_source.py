@@ -59,7 +59,7 @@ from .keystore import Network, SourceResult, SourceUnavailable
 
 __all__ = ["NetworksFrom", "RedisKeySource"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dkim_sidecar")
 
 NetworksFrom = Literal["keep_spam", "forwarding_hosts"]
 

@@ -1,6 +1,6 @@
 """The running state: one immutable snapshot (config + keys + signing policy), swapped whole.
 
-Every message reads `holder.current` once, at MAIL, and keeps that snapshot to its end. A
+Every message reads `Controller.current` once, at MAIL, and keeps that snapshot to its end. A
 reload (SIGHUP) or a key refresh builds a complete new snapshot and replaces the one reference;
 when building fails, the old snapshot keeps serving and the failure is logged and counted.
 """

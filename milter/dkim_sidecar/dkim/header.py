@@ -7,6 +7,7 @@ Pure functions over bytes (RFC 5322 §2.2, RFC 6376 §5.4). A field is kept exac
 from __future__ import annotations
 
 import email.utils
+import enum
 import functools
 import re
 from collections.abc import Iterable, Sequence
@@ -117,21 +118,28 @@ def field_value(raw: bytes) -> bytes:
     return value.replace(CRLF, b"").strip(_WSP)
 
 
+class FromProblem(enum.StrEnum):
+    """Why a message has no author domain."""
+
+    NO_FROM = "no_from"
+    MULTIPLE_FROM = "multiple_from"  # RFC 5322 §3.6: exactly one From
+    BAD_FROM = "bad_from"  # no address, or addresses of several domains
+
+
 class FromResult(NamedTuple):
-    """The author domain (RFC 5322 §3.6.2), or why there is none: one of `no_from`,
-    `multiple_from`, `bad_from`."""
+    """The author domain (RFC 5322 §3.6.2), or why there is none."""
 
     domain: str | None
-    reason: str | None
+    reason: FromProblem | None
 
 
 def from_domain(fields: Sequence[HeaderField]) -> FromResult:
     """The domain of the From field, for a DMARC-aligned d= (RFC 7489 §3.1)."""
     froms = [f for f in fields if f.name == "from"]
     if not froms:
-        return FromResult(None, "no_from")
+        return FromResult(None, FromProblem.NO_FROM)
     if len(froms) > 1:
-        return FromResult(None, "multiple_from")  # RFC 5322 §3.6: exactly one From
+        return FromResult(None, FromProblem.MULTIPLE_FROM)
     value = field_value(froms[0].raw)
     if len(value) <= _CACHED_FROM:
         return _from_value_cached(value)
@@ -148,7 +156,7 @@ def _from_value(value: bytes) -> FromResult:
     domains = {address_domain(addr) for _, addr in email.utils.getaddresses([text])}
     domains.discard(None)
     if len(domains) != 1:
-        return FromResult(None, "bad_from")
+        return FromResult(None, FromProblem.BAD_FROM)
     return FromResult(domains.pop(), None)
 
 

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = ["MilterConnection"]
 
-log = logging.getLogger("dkim_sidecar")
+log = logging.getLogger("dkim_sidecar.milter")  # the library's own, under the app's
 
 # the SMFIP_NR_* flag that takes the reply away from each command
 _NO_REPLY = {

@@ -21,7 +21,7 @@ from .connection import _MAX_HELD, _SWEEP, IDLE_TIMEOUT, MilterConnection
 
 __all__ = ["MilterServer"]
 
-log = logging.getLogger("dkim_sidecar")
+log = logging.getLogger("dkim_sidecar.milter")  # the library's own, under the app's
 
 
 def _remove_socket(path: str) -> None:
