@@ -131,7 +131,7 @@ class Session:
 
     def connect(self, client_ip: str | None) -> Action:
         """A (new) client: after XCLIENT Postfix sends another connect on the same session,
-        so the latest connect is the one that counts (XCLIENT: tests/test_postfix.py)."""
+        so the latest connect is the one that counts (XCLIENT: tests/system/test_postfix.py)."""
         self._msg = None
         self.client_ip = client_ip
         runtime = self._snapshot()

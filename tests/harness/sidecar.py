@@ -25,8 +25,6 @@ from dkim_sidecar.milter.client import MilterClient, Result
 
 from . import leaks
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def free_port(host: str = "127.0.0.1") -> int:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -244,3 +242,16 @@ def write_keys(directory: Path, keys: list[tuple[str, str, bytes]]) -> None:
         path = directory / f"{domain}.{selector}.key"
         path.write_bytes(pem)
         path.chmod(0o600)
+
+
+def milter_reply(address: str, source: str, client_ip: str) -> bytes | None:
+    """Negotiate and connect from the local address `source`, claiming `client_ip`: the
+    milter's answer to the connect, or None when it closed the connection unanswered."""
+    from dkim_sidecar.milter.codec import ProtocolError
+
+    try:
+        with MilterClient(address, timeout=10, source=source) as c:
+            c.negotiate()
+            return c.connect(client_ip).encode()
+    except (ProtocolError, ConnectionError):
+        return None

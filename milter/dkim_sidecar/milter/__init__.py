@@ -2,4 +2,4 @@
 codec (codec.py), listen addresses (address.py), the asyncio server that frames, negotiates
 and answers for a per-connection handler (server.py), and the MTA's side (client.py). It
 imports nothing else of dkim_sidecar and knows nothing of DKIM, config or metrics
-(tests/test_architecture.py checks it)."""
+(tests/unit/test_architecture.py checks it)."""

@@ -11,7 +11,6 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 
 import dkim
 import pytest
@@ -22,8 +21,8 @@ from dkim_sidecar.dkim.canon import BodyHasher, Canon, Canonicalization, canon_h
 from dkim_sidecar.dkim.header import HeaderField, split_message
 from dkim_sidecar.dkim.keys import Algorithm, SigningKey, generate_key
 from dkim_sidecar.dkim.signer import MessageSigner, SigningPolicy
+from harness.paths import VECTORS
 
-VECTORS = Path(__file__).parent / "vectors"
 CRLF = b"\r\n"
 NOW = 1_700_000_000
 ALL_C = ["relaxed/relaxed", "relaxed/simple", "simple/relaxed", "simple/simple"]
@@ -421,7 +420,7 @@ def test_expiring_signature_verifies_now(ed: SigningKey) -> None:
 # GOLDEN: the files tests/vectors/golden_*.sig were produced once by this signer (with a fixed
 # clock and the deterministic RFC 8463 keys) and checked by dkimpy; they pin the exact bytes
 # (tag order, folding, b=) against regressions. Regenerate deliberately, after checking the
-# change: DKIM_SIDECAR_REGEN_GOLDEN=1 .venv/bin/pytest tests/test_signer.py -k golden
+# change: DKIM_SIDECAR_REGEN_GOLDEN=1 .venv/bin/pytest tests/unit/test_signer.py -k golden
 
 GOLDEN_MESSAGE = (VECTORS / "golden_message.eml").read_bytes()
 GOLDEN = {

@@ -6,8 +6,10 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "milter" / "dkim_sidecar"
-DESIGN = Path(__file__).resolve().parents[1] / "docs" / "design.md"
+from harness.paths import REPO
+
+PACKAGE = REPO / "milter" / "dkim_sidecar"
+DESIGN = REPO / "docs" / "design.md"
 
 # Each library: the parts of dkim_sidecar it may import (itself only), and outside packages it
 # must never import (I/O and application concerns stay out of it).

@@ -17,13 +17,13 @@ import copy
 import json
 import re
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from dkim_sidecar.metrics import Metrics
+from harness.paths import REPO
 from harness.promql import PROMETHEUS_SERIES, TARGET_LABELS, Catalogue, parse
 
-DASHBOARD = Path(__file__).resolve().parents[1] / "config" / "grafana-dashboard.json"
+DASHBOARD = REPO / "config" / "grafana-dashboard.json"
 PROMETHEUS = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
 GRAFANA_BUILTIN = {"type": "grafana", "uid": "-- Grafana --"}  # the built-in annotations
 SCHEMA_VERSION = 42  # Grafana 12.3 to 13.2
@@ -254,7 +254,7 @@ def test_no_created_series() -> None:
 def test_the_readme_lists_every_metric() -> None:
     """README's metrics table is what an admin reads first: every family the code exports is
     in it, under the name a scrape shows (`_total` for counters), and nothing else is."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (REPO / "README.md").read_text()
     section = readme.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
     listed = set(re.findall(r"^\| `(dkim_sidecar_\w+)` \|", section, re.M))
     catalogue = Catalogue()

@@ -63,9 +63,10 @@ from miltertest import MilterConnection
 from miltertest import codec as milter_codec
 from miltertest import constants as mc
 
+from harness.paths import REPO
+
 pytestmark = pytest.mark.container
 
-REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "Dockerfile"
 OVERRIDE = REPO / "compose.override.yml"
 SKELETON = REPO / "tests" / "container" / "mailcow-skeleton.yml"

@@ -7,13 +7,12 @@ test_dashboard.py."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import yaml
 
+from harness.paths import REPO
 from harness.promql import Catalogue, parse
 
-RULES = Path(__file__).resolve().parents[1] / "config" / "prometheus-alerts.yml"
+RULES = REPO / "config" / "prometheus-alerts.yml"
 
 
 def test_alert_rules_name_what_the_sidecar_exports() -> None:

@@ -14,9 +14,6 @@ import threading
 import time
 
 import pytest
-
-from dkim_sidecar.dkim.keys import Algorithm, SigningKey, generate_key
-from harness.sidecar import Sidecar
 from test_robustness import (
     MESSAGES,
     OUTSIDE,
@@ -28,6 +25,9 @@ from test_robustness import (
     start_sidecar,
     verify,
 )
+
+from dkim_sidecar.dkim.keys import Algorithm, SigningKey, generate_key
+from harness.sidecar import Sidecar
 
 pytestmark = pytest.mark.soak
 

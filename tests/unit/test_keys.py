@@ -7,7 +7,6 @@ import base64
 import random
 import re
 import traceback
-from pathlib import Path
 from typing import Any
 
 import dkim
@@ -27,8 +26,8 @@ from dkim_sidecar.dkim.keys import (
     parse_private_key,
 )
 from dkim_sidecar.dkim.signer import MessageSigner, SigningPolicy
+from harness.paths import VECTORS
 
-VECTORS = Path(__file__).parent / "vectors"
 RFC8463_RSA_PEM = (VECTORS / "rfc8463_a1_rsa.pem").read_bytes()
 RFC8463_ED25519_SEED = (VECTORS / "rfc8463_a1_ed25519.seed").read_bytes()
 

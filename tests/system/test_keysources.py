@@ -40,6 +40,7 @@ from dkim_sidecar.keystore import (
     TableKeySource,
 )
 from dkim_sidecar.redis_source import NetworksFrom, RedisKeySource
+from harness.paths import VECTORS
 from harness.redis import (
     RedisServer,
     free_port,
@@ -53,7 +54,7 @@ from harness.redis import (
 ED_PREFIX = "DKIM_ED25519_"
 
 # 512 bits: too small to sign with (RFC 8301); made once with `openssl genrsa 512`.
-RSA_512_PEM = (Path(__file__).parent / "vectors" / "rsa512_too_small.pem").read_bytes()
+RSA_512_PEM = (VECTORS / "rsa512_too_small.pem").read_bytes()
 
 GARBAGE_BODY = b"bm90IGEga2V5IGF0IGFsbA"
 GARBAGE_PEM = b"-----BEGIN PRIVATE KEY-----\n" + GARBAGE_BODY + b"\n-----END PRIVATE KEY-----\n"

@@ -23,6 +23,7 @@ from dkim_sidecar import __version__
 from dkim_sidecar.cli import _txt_lookup
 from dkim_sidecar.dkim.keys import SigningKey, check_published
 from harness.dnsserver import TxtServer
+from harness.paths import REPO, VECTORS
 from harness.postfix import postmap_query
 from harness.redis import RedisServer, mailcow_pub_b64, seed_forwarding_host, seed_mailcow
 
@@ -30,7 +31,7 @@ CLI = Path(sys.executable).parent / "dkim-sidecar"
 PASSWORD = secrets.token_urlsafe(48)
 
 # 512 bits: too small to sign with (RFC 8301); made once with `openssl genrsa 512`.
-RSA_512_PEM = (Path(__file__).parent / "vectors" / "rsa512_too_small.pem").read_bytes()
+RSA_512_PEM = (VECTORS / "rsa512_too_small.pem").read_bytes()
 
 MESSAGE = (
     b"From: Alice <alice@example.com>\n"
@@ -603,7 +604,7 @@ def test_postfix_maps_default_milters_are_the_line_of_postfix_extra_cf() -> None
     gives smtpd_milters: the two must never drift apart."""
     from dkim_sidecar.cli import DEFAULT_MAP_MILTERS
 
-    extra = Path(__file__).resolve().parents[1] / "config" / "postfix-extra.cf"
+    extra = REPO / "config" / "postfix-extra.cf"
     lines = [ln for ln in extra.read_text().splitlines() if ln.startswith("smtpd_milters = ")]
     assert len(lines) == 1, lines
     assert lines[0].removeprefix("smtpd_milters = ") == DEFAULT_MAP_MILTERS

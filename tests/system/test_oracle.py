@@ -19,12 +19,12 @@ from typing import Any
 
 import pytest
 import yaml
+from test_robustness import dns_of, msg, pem, tag, verify
 
 from dkim_sidecar.dkim.keys import Algorithm, SigningKey, generate_key
 from dkim_sidecar.milter import client as mtaclient
 from dkim_sidecar.milter.client import MilterClient, ProtocolError, Result
 from harness.sidecar import Sidecar, wait_for, write_keys
-from test_robustness import dns_of, msg, pem, tag, verify
 
 RELAY_NETWORKS = ["192.0.2.0/25", "2001:db8:1::/64", "::ffff:203.0.113.0/120"]
 RELAY = "192.0.2.10"

@@ -32,7 +32,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.utils import formatdate
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -41,6 +40,7 @@ import redis
 from dkim_sidecar.dkim.keys import Algorithm, generate_key
 from harness.dkimcheck import signature_domains, verify_results
 from harness.dnsserver import TxtServer
+from harness.paths import REPO
 from harness.postfix import PostfixInstance, SendResult, postfix_available
 from harness.redis import (
     RedisServer,
@@ -53,7 +53,7 @@ from harness.rspamd import REJECT_MESSAGE, Rspamd, RspamdResult, rspamd_availabl
 from harness.sidecar import Sidecar, wait_for
 from harness.sink import SinkMessage, SmtpSink
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 
 if not rspamd_available():
     pytest.skip(

@@ -36,8 +36,8 @@ from dkim_sidecar.config import (
 )
 from dkim_sidecar.dkim.canon import Canon, Canonicalization
 from dkim_sidecar.milter.address import Listen, ListenKind
+from harness.paths import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "config" / "dkim-sidecar.example.yml"
 _MAPPED = IPv6Network("::ffff:0:0/96")
 
