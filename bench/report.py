@@ -576,8 +576,8 @@ def _budget(sm: dict[str, Any]) -> list[str]:
             f"at most {fmt(base / (pfo + mo))}{TIMES} when CPU-bound, "
             f"{fmt(base / pfo)}{TIMES} with a milter that cost nothing. With "
             "`smtpd_milter_maps` (the table `dkim-sidecar postfix-map` writes), Postfix opens "
-            "no milter connection for these sessions at all (tests/system/test_postfix.py checks that "
-            "the sidecar is never reached): measured above as `sidecar-mapped`, "
+            "no milter connection for these sessions at all (tests/system/test_postfix.py "
+            "checks that the sidecar is never reached): measured above as `sidecar-mapped`, "
             f"{fmt(sm.get('ratio_sidecar_mapped'))}{TIMES}.",
         ]
     return out
