@@ -22,8 +22,8 @@ from .dkim.canon import Canonicalization
 from .dkim.header import split_message, with_body_separator
 from .dkim.keys import Algorithm, KeyLoadError, SigningKey, check_published, generate_key
 from .dkim.signer import MessageSigner, SigningPolicy
-from .files import write_new_secret
-from .keystore import KeySet, SourceUnavailable
+from .keysources.files import write_new_secret
+from .keysources.local import KeySet, SourceUnavailable
 
 DEFAULT_CONFIG = "/etc/dkim-sidecar/config.yml"
 

@@ -35,14 +35,20 @@ from ipaddress import (
     ip_address,
     ip_network,
 )
-from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
 from dkim_sidecar.dkim.canon import Canon, Canonicalization
 from dkim_sidecar.dkim.names import BadName, dns_name
-from dkim_sidecar.files import FileTooLarge, NotRegularFile, read_small_file
+from dkim_sidecar.keysources.specs import (
+    DEFAULT_KEY_DIRECTORY,
+    DirectorySource,
+    KeySource,
+    RedisSource,
+    TableEntry,
+    TableSource,
+)
 from dkim_sidecar.milter.address import HTTP_FORMS, MILTER_FORMS, Listen, ListenKind, is_host_name
 
 __all__ = [
@@ -274,146 +280,8 @@ DEFAULT_OVERSIGN_HEADERS: tuple[str, ...] = (
     "date",
     "message-id",
 )
-DEFAULT_KEY_DIRECTORY = "/etc/dkim-sidecar/keys"
 
 # --- listen addresses --------------------------------------------------------------------------
-
-# --- key sources -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DirectorySource:
-    """Keys as files in a directory (the key-directory source defines the file layout)."""
-
-    path: str = DEFAULT_KEY_DIRECTORY
-
-
-@dataclass(frozen=True)
-class TableEntry:
-    domain: str
-    selector: str
-    key_file: str
-
-
-@dataclass(frozen=True)
-class TableSource:
-    """Keys listed in the config: one entry per (domain, selector); a domain may have several
-    (dual RSA + Ed25519 signing, or a second selector during rotation)."""
-
-    entries: tuple[TableEntry, ...] = ()
-
-
-# A password file larger than this is the wrong file, not a password.
-MAX_PASSWORD_FILE = 4096
-
-
-class PasswordError(ValueError):
-    """The Redis password cannot be read; the text names the variable or file, never the value."""
-
-
-def read_password(
-    env_name: str | None, file_path: str | None, env: Mapping[str, str]
-) -> str | None:
-    """The Redis password from a secret file or an environment variable; None when neither is
-    configured (a Redis without `requirepass`).
-
-    The file wins when both are given: a Docker secret is the safer place, and an admin who
-    mounted one means it. One trailing newline is dropped (`echo pw > file` writes one).
-    """
-    if file_path:
-        where = f"redis password file {file_path}"
-        data, failure = _read_secret_file(Path(file_path), where)
-        if failure:
-            raise PasswordError(failure)
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            # raised below, outside the handler: UnicodeDecodeError carries the bytes it failed
-            # on, and a chained __context__ would carry them along
-            text = None
-        if text is None:
-            raise PasswordError(f"{where} is not UTF-8 text")
-    elif env_name:
-        where = f"environment variable {env_name}"
-        if env_name not in env:
-            raise PasswordError(f"{where} (the redis password) is not set")
-        text = env[env_name]
-    else:
-        return None
-    if text.endswith("\r\n"):
-        text = text[:-2]
-    elif text.endswith("\n"):
-        text = text[:-1]
-    if not text:
-        raise PasswordError(f"{where} is empty")
-    if any(c in text for c in "\r\n\0"):
-        raise PasswordError(f"{where} holds more than one line; the password must be one line")
-    return text
-
-
-def _read_secret_file(path: Path, where: str) -> tuple[bytes, str]:
-    try:
-        return read_small_file(path, MAX_PASSWORD_FILE), ""
-    except NotRegularFile:
-        return b"", f"{where} is not a regular file"
-    except FileTooLarge as exc:
-        return b"", f"{where} is {exc.size} bytes: too large to be a password"
-    except FileNotFoundError:
-        return b"", f"{where} does not exist"
-    except OSError as exc:
-        return b"", f"{where}: cannot read: {exc.strerror}"
-
-
-@dataclass(frozen=True)
-class RedisSource:
-    """Mailcow's Redis, read-only.
-
-    RSA keys: `HGET <selectors_hash> <domain>` → selector, `HGET <keys_hash> <selector>.<domain>`
-    → PEM. With `ed25519_key_prefix` set, Ed25519 keys are read the same way from the hashes
-    `<prefix>SELECTORS` and `<prefix>PRIV_KEYS` (value: PEM, or the base64 32-byte seed).
-
-    The password is never stored here: `password_file` (its path) wins when set, otherwise the
-    environment variable named by `password_env`; see `resolve_password`.
-    """
-
-    host: str = "redis-mailcow"
-    port: int = 6379
-    db: int = 0
-    username: str | None = None  # a Redis 6+ ACL user; None: the default user
-    password_env: str | None = "REDISPASS"  # noqa: S105 - the variable's name, not a secret
-    password_file: str | None = None
-    selectors_hash: str = "DKIM_SELECTORS"
-    keys_hash: str = "DKIM_PRIV_KEYS"
-    pub_keys_hash: str = "DKIM_PUB_KEYS"
-    ed25519_key_prefix: str | None = None
-    timeout: float = 2.0
-
-    @property
-    def ed25519_selectors_hash(self) -> str | None:
-        return None if self.ed25519_key_prefix is None else f"{self.ed25519_key_prefix}SELECTORS"
-
-    @property
-    def ed25519_keys_hash(self) -> str | None:
-        return None if self.ed25519_key_prefix is None else f"{self.ed25519_key_prefix}PRIV_KEYS"
-
-    def resolve_password(self, env: Mapping[str, str] = os.environ) -> str | None:
-        """Read the password now (at connect time): the file if configured, else the
-        environment variable; None when the variable is unset or empty (a Redis without
-        requirepass).
-
-        Raises PasswordError (naming the file or variable, never the value).
-        """
-        if self.password_file is not None:
-            return read_password(None, self.password_file, env)
-        name = self.password_env
-        if name is None:
-            return None
-        if not env.get(name):
-            return None
-        return read_password(name, None, env)
-
-
-KeySource = DirectorySource | TableSource | RedisSource
 
 
 @dataclass(frozen=True)

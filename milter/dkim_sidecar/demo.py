@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .config import ENV_KEYS_DIRECTORY
 from .dkim.keys import Algorithm, SigningKey, generate_key
-from .files import write_new_secret
+from .keysources.files import write_new_secret
 
 DOMAIN = "example.com"
 DEMO_KEYS = ((Algorithm.RSA_SHA256, "demo"), (Algorithm.ED25519_SHA256, "demo-ed"))

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 from . import config as cfg
 from .dkim.signer import SigningPolicy
-from .keystore import (
+from .keysources.files import PasswordError
+from .keysources.local import (
     DirectoryKeySource,
     KeySet,
     KeySource,
@@ -25,6 +26,7 @@ from .keystore import (
     SourceUnavailable,
     TableKeySource,
 )
+from .keysources.specs import DirectorySource, RedisSource, TableSource
 from .logs import event
 from .metrics import Metrics
 from .peers import MtaPeers, unguarded_listen_warning
@@ -67,26 +69,14 @@ def make_source(spec: cfg.KeySource, config: cfg.Config, env: Mapping[str, str])
         return DirectoryKeySource(spec.path)
     if isinstance(spec, cfg.TableSource):
         return TableKeySource(spec.entries)
-    from .redis_source import RedisKeySource  # redis is only imported when configured
+    from .keysources.mailcow import RedisKeySource  # redis is only imported when configured
 
     try:
         password = spec.resolve_password(env)
-    except cfg.PasswordError as exc:
+    except PasswordError as exc:
         raise SourceUnavailable(str(exc)) from None
     networks = config.relay_networks_from_mailcow
-    return RedisKeySource(
-        host=spec.host,
-        port=spec.port,
-        db=spec.db,
-        username=spec.username,
-        password=password,
-        selectors_hash=spec.selectors_hash,
-        keys_hash=spec.keys_hash,
-        pub_keys_hash=spec.pub_keys_hash,
-        ed25519_key_prefix=spec.ed25519_key_prefix,
-        timeout=spec.timeout,
-        networks_from=None if networks is None else networks.value,
-    )
+    return RedisKeySource(spec, password, None if networks is None else networks.value)
 
 
 class _Slot:
@@ -104,14 +94,11 @@ class _Slot:
     def name(self) -> str:
         """The metric label: from the spec, so that a source that could not be built (an
         unreadable password file at SIGHUP) still counts the last keys it keeps signing with."""
-        return _SOURCE_NAMES[type(self.spec)]
+        return self.spec.KIND
 
 
-_SOURCE_NAMES: dict[type, str] = {
-    cfg.DirectorySource: "directory",
-    cfg.TableSource: "table",
-    cfg.RedisSource: "redis",
-}
+# every kind of key source, in the order the metric lists them
+SOURCE_KINDS = tuple(spec.KIND for spec in (DirectorySource, TableSource, RedisSource))
 
 
 def outside_forwarding_hosts(
@@ -274,7 +261,7 @@ class Controller:
         counts: dict[str, int] = {}
         for slot in self._slots:
             counts[slot.name] = counts.get(slot.name, 0) + (len(slot.last.keys) if slot.last else 0)
-        for name in _SOURCE_NAMES.values():
+        for name in SOURCE_KINDS:
             m.keys_loaded.labels(name).set(counts.get(name, 0))
         m.key_problems.set(len(keys.problems))
         outside = (

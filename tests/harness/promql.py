@@ -21,7 +21,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from dkim_sidecar import __version__
 from dkim_sidecar.dkim.keys import Algorithm
 from dkim_sidecar.metrics import Metrics
-from dkim_sidecar.runtime import _SOURCE_NAMES
+from dkim_sidecar.runtime import SOURCE_KINDS
 from dkim_sidecar.session import Reason
 
 # Series Prometheus makes itself for each scrape target, and the labels it puts on every series
@@ -234,7 +234,7 @@ class Catalogue:
         self._add("dkim_sidecar_messages", "reason", {r.value for r in Reason})
         self._add("dkim_sidecar_domain_messages", "outcome", outcomes)
         self._add("dkim_sidecar_signatures", "algorithm", {a.value for a in Algorithm})
-        self._add("dkim_sidecar_keys_loaded", "source", set(_SOURCE_NAMES.values()))
+        self._add("dkim_sidecar_keys_loaded", "source", set(SOURCE_KINDS))
         self._add("dkim_sidecar_build_info", "version", {__version__})
 
     def _add(self, family: str, label: str, values: set[str]) -> None:

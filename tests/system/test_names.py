@@ -13,8 +13,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from dkim_sidecar.config import ConfigError, parse_config
 from dkim_sidecar.dkim.keys import KeyLoadError, SigningKey
-from dkim_sidecar.keystore import DirectoryKeySource
-from dkim_sidecar.redis_source import RedisKeySource
+from dkim_sidecar.keysources.local import DirectoryKeySource
+from dkim_sidecar.keysources.mailcow import RedisKeySource
+from dkim_sidecar.keysources.specs import RedisSource
 from harness.redis import RedisServer, mailcow_pub_b64, seed_mailcow
 
 PASSWORD = "names-test-password"
@@ -91,7 +92,7 @@ def by_directory(domain: str, selector: str, pem: bytes, tmp_path: Path) -> bool
 def by_redis(domain: str, selector: str, pem: bytes, server: RedisServer, c: redis.Redis) -> bool:
     c.flushall()
     seed_mailcow(c, domain, selector, pem, mailcow_pub_b64(pem))
-    source = RedisKeySource(server.host, server.port, password=PASSWORD, timeout=2.0)
+    source = RedisKeySource(RedisSource(host=server.host, port=server.port), PASSWORD)
     try:
         return len(source.load().keys) == 1
     finally:

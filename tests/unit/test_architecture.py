@@ -20,7 +20,7 @@ LIBRARIES = {
 
 # Modules still longer than ~400 lines, each to be split (docs/design.md, "Still to do"); the
 # test fails when one grows past its length today or another joins them.
-OVERSIZE = {"config.py": 1162, "redis_source.py": 530, "cli.py": 511}
+OVERSIZE = {"config.py": 1030, "keysources/mailcow.py": 509, "cli.py": 511}
 MAX_LINES = 420
 
 
@@ -86,7 +86,7 @@ def test_modules_stay_short() -> None:
     long = {}
     for name, path in _modules().items():
         lines = len(path.read_text(encoding="utf-8").splitlines())
-        allowed = OVERSIZE.get(path.name if path.parent == PACKAGE else "", MAX_LINES)
+        allowed = OVERSIZE.get(str(path.relative_to(PACKAGE)), MAX_LINES)
         if lines > allowed:
             long[name] = lines
     assert not long, f"over {MAX_LINES} lines (or over their length today): {long}"

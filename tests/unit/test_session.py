@@ -13,7 +13,7 @@ import pytest
 
 from dkim_sidecar.config import Config, DomainFrom, Limits, OnError, parse_config
 from dkim_sidecar.dkim.keys import Algorithm, SigningKey, generate_key
-from dkim_sidecar.keystore import KeySet
+from dkim_sidecar.keysources.local import KeySet
 from dkim_sidecar.milter.api import Action
 from dkim_sidecar.runtime import Runtime
 from dkim_sidecar.session import MessageReport, Reason, Session

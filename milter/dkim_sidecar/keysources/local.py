@@ -13,8 +13,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .dkim.keys import KeyLoadError, SigningKey
+from ..dkim.keys import KeyLoadError, SigningKey
 from .files import FileTooLarge, NotRegularFile, read_small_file
+from .specs import DirectorySource, TableSource
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -141,7 +142,7 @@ class DirectoryKeySource:
 
     @property
     def name(self) -> str:
-        return "directory"
+        return DirectorySource.KIND
 
     def load(self) -> SourceResult:
         try:
@@ -185,7 +186,7 @@ class TableKeySource:
 
     @property
     def name(self) -> str:
-        return "table"
+        return TableSource.KIND
 
     def load(self) -> SourceResult:
         keys: list[SigningKey] = []

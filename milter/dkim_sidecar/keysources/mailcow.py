@@ -48,14 +48,15 @@ import ipaddress
 import logging
 import re
 from collections.abc import Iterable, Iterator
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .dkim.keys import Algorithm, KeyLoadError, SigningKey, check_dns_name
-from .keystore import Network, SourceResult, SourceUnavailable
+from ..dkim.keys import Algorithm, KeyLoadError, SigningKey, check_dns_name
+from .local import Network, SourceResult, SourceUnavailable
+from .specs import RedisSource
 
 __all__ = ["NetworksFrom", "RedisKeySource"]
 
@@ -99,7 +100,8 @@ class RedisKeySource:
 
     __slots__ = (
         "_client",
-        "_ed25519_prefix",
+        "_ed_keys_hash",
+        "_ed_selectors_hash",
         "_keys_hash",
         "_networks_from",
         "_password",
@@ -109,60 +111,38 @@ class RedisKeySource:
         "_username",
         "address",
         "db",
+        "spec",
     )
 
     def __init__(
         self,
-        host: str,
-        port: int = 6379,
-        db: int = 0,
+        spec: RedisSource,
         password: str | None = None,
-        *,
-        username: str | None = None,
-        selectors_hash: str = "DKIM_SELECTORS",
-        keys_hash: str = "DKIM_PRIV_KEYS",
-        pub_keys_hash: str = "DKIM_PUB_KEYS",
-        ed25519_key_prefix: str | None = None,
-        timeout: float = 2.0,
-        networks_from: str | None = None,
+        networks_from: NetworksFrom | None = None,
     ) -> None:
-        if not host:
-            raise ValueError("redis host is empty")
-        if not 0 < port < 65536:
-            raise ValueError(f"redis port {port} is out of range (1-65535)")
-        if db < 0:
-            raise ValueError(f"redis db {db} is negative")
-        if not timeout > 0:
-            raise ValueError(f"redis timeout {timeout} must be greater than 0 seconds")
-        if networks_from is not None and networks_from not in get_args(NetworksFrom):
-            choices = ", ".join(get_args(NetworksFrom))
-            raise ValueError(f"networks_from {networks_from!r} is not one of: {choices}")
-        for what, value in (
-            ("selectors_hash", selectors_hash),
-            ("keys_hash", keys_hash),
-            ("pub_keys_hash", pub_keys_hash),
-            ("ed25519_key_prefix", ed25519_key_prefix),
-        ):
-            if value is not None and not value:
-                raise ValueError(f"{what} is empty")
+        """`spec` as the config validated it; the password read for it now (never kept in the
+        spec); `networks_from`: which forwarding hosts become relay networks, if any."""
+        self.spec = spec
+        host, port = spec.host, spec.port
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self.db = db
-        self._username = username
+        self.db = spec.db
+        self._username = spec.username
         self._password = password
-        self._selectors_hash = selectors_hash
-        self._keys_hash = keys_hash
-        self._pub_keys_hash = pub_keys_hash
-        self._ed25519_prefix = ed25519_key_prefix
-        self._timeout = timeout
-        self._networks_from = None if networks_from is None else str(networks_from)
+        self._selectors_hash = spec.selectors_hash
+        self._keys_hash = spec.keys_hash
+        self._pub_keys_hash = spec.pub_keys_hash
+        self._ed_selectors_hash = spec.ed25519_selectors_hash
+        self._ed_keys_hash = spec.ed25519_keys_hash
+        self._timeout = spec.timeout
+        self._networks_from = networks_from
         self._client = redis.Redis(
             host=host,
             port=port,
-            db=db,
-            username=username,
+            db=spec.db,
+            username=spec.username,
             password=password,
-            socket_connect_timeout=timeout,
-            socket_timeout=timeout,
+            socket_connect_timeout=spec.timeout,
+            socket_timeout=spec.timeout,
             decode_responses=False,
             # redis-py retries three times with backoff by default: that would stretch a
             # `timeout` into many. A connection the server closed (restart) is not a problem:
@@ -175,7 +155,7 @@ class RedisKeySource:
 
     @property
     def name(self) -> str:
-        return "redis"
+        return RedisSource.KIND
 
     def __repr__(self) -> str:
         return f"RedisKeySource({self.address}, db={self.db})"
@@ -208,11 +188,11 @@ class RedisKeySource:
         raise SourceUnavailable(failure)
 
     def _fetch(self) -> _Fetched:
-        prefix = self._ed25519_prefix
+        ed_selectors = self._ed_selectors_hash
         pipe = self._client.pipeline(transaction=False)
         pipe.hgetall(self._selectors_hash)
-        if prefix:
-            pipe.hgetall(prefix + "SELECTORS")
+        if ed_selectors:
+            pipe.hgetall(ed_selectors)
         # Always read: which relay networks rspamd will reject as spoofers (see _build)
         pipe.hgetall(FWD_HOSTS_HASH)
         if self._networks_from:
@@ -220,7 +200,7 @@ class RedisKeySource:
         replies = iter(pipe.execute(raise_on_error=False))
         f = _Fetched()
         f.selectors = _as_hash(_raised(next(replies)))
-        if prefix:
+        if ed_selectors:
             f.ed_selectors = _as_hash(_raised(next(replies)))
         fwd_hosts = next(replies)
         if self._networks_from:
@@ -241,7 +221,7 @@ class RedisKeySource:
             pipe.hmget(self._keys_hash, rsa_fields)
             pipe.hmget(self._pub_keys_hash, rsa_domains)
         if ed_fields:
-            pipe.hmget(f"{prefix}PRIV_KEYS", ed_fields)
+            pipe.hmget(str(self._ed_keys_hash), ed_fields)  # set: ed_fields came from it
         replies = iter(pipe.execute())
         if rsa_fields:
             f.priv = dict(zip(rsa_fields, _as_list(next(replies)), strict=True))
@@ -326,14 +306,13 @@ class RedisKeySource:
                     f"TXT record at {key.dns_name})"
                 )
 
-        prefix = self._ed25519_prefix
-        ed_hashes = (f"{prefix}SELECTORS", f"{prefix}PRIV_KEYS")
+        ed_hashes = (str(self._ed_selectors_hash), str(self._ed_keys_hash))
         for _, domain, field, key in self._loaded(
             f.ed_selectors, f.ed_priv, ed_hashes, "Ed25519 key skipped", problems
         ):
             if key.algorithm is not Algorithm.ED25519_SHA256:
                 problems.append(
-                    f"{where}: {prefix}PRIV_KEYS {field} holds an {key.algorithm.key_type} key, "
+                    f"{where}: {self._ed_keys_hash} {field} holds an {key.algorithm.key_type} key, "
                     "not Ed25519; key skipped"
                 )
                 continue

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Mapping
 from pathlib import Path
 
 
@@ -65,3 +66,64 @@ def write_new_secret(path: str | Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+
+
+# A password file larger than this is the wrong file, not a password.
+MAX_PASSWORD_FILE = 4096
+
+
+class PasswordError(ValueError):
+    """The Redis password cannot be read; the text names the variable or file, never the value."""
+
+
+def read_password(
+    env_name: str | None, file_path: str | None, env: Mapping[str, str]
+) -> str | None:
+    """The Redis password from a secret file or an environment variable; None when neither is
+    configured (a Redis without `requirepass`).
+
+    The file wins when both are given: a Docker secret is the safer place, and an admin who
+    mounted one means it. One trailing newline is dropped (`echo pw > file` writes one).
+    """
+    if file_path:
+        where = f"redis password file {file_path}"
+        data, failure = _read_secret_file(Path(file_path), where)
+        if failure:
+            raise PasswordError(failure)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            # raised below, outside the handler: UnicodeDecodeError carries the bytes it failed
+            # on, and a chained __context__ would carry them along
+            text = None
+        if text is None:
+            raise PasswordError(f"{where} is not UTF-8 text")
+    elif env_name:
+        where = f"environment variable {env_name}"
+        if env_name not in env:
+            raise PasswordError(f"{where} (the redis password) is not set")
+        text = env[env_name]
+    else:
+        return None
+    if text.endswith("\r\n"):
+        text = text[:-2]
+    elif text.endswith("\n"):
+        text = text[:-1]
+    if not text:
+        raise PasswordError(f"{where} is empty")
+    if any(c in text for c in "\r\n\0"):
+        raise PasswordError(f"{where} holds more than one line; the password must be one line")
+    return text
+
+
+def _read_secret_file(path: Path, where: str) -> tuple[bytes, str]:
+    try:
+        return read_small_file(path, MAX_PASSWORD_FILE), ""
+    except NotRegularFile:
+        return b"", f"{where} is not a regular file"
+    except FileTooLarge as exc:
+        return b"", f"{where} is {exc.size} bytes: too large to be a password"
+    except FileNotFoundError:
+        return b"", f"{where} does not exist"
+    except OSError as exc:
+        return b"", f"{where}: cannot read: {exc.strerror}"
