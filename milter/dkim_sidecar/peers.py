@@ -24,9 +24,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from ipaddress import ip_address, ip_network
 
-from .config import Config, IPNetwork, RelayTable
+from .config import Config, IPNetwork
 from .logs import event
 from .milter.address import ListenKind
+from .relay import RelayTable
 
 __all__ = ["RETRY_SECONDS", "MtaGate", "MtaPeers", "resolve_host", "unguarded_listen_warning"]
 

@@ -30,6 +30,7 @@ from .keysources.specs import DirectorySource, RedisSource, TableSource
 from .logs import event
 from .metrics import Metrics
 from .peers import MtaPeers, unguarded_listen_warning
+from .relay import RelayTable, mapped_ipv4
 
 log = logging.getLogger("dkim_sidecar")
 
@@ -51,11 +52,11 @@ class Runtime:
     keys: KeySet
     policy: SigningPolicy
     # the config's relay networks and those a key source found (Mailcow forwarding hosts)
-    _relay: cfg.RelayTable = field(default=cfg.RelayTable((), ()), repr=False)
+    _relay: RelayTable = field(default=RelayTable((), ()), repr=False)
 
     @classmethod
     def build(cls, config: cfg.Config, keys: KeySet) -> Runtime:
-        relay = cfg.RelayTable.of((*config.relay_networks, *keys.networks))
+        relay = RelayTable.of((*config.relay_networks, *keys.networks))
         return cls(config, keys, policy_of(config), relay)
 
     def is_relay(self, ip: str) -> bool:
@@ -123,7 +124,7 @@ def outside_forwarding_hosts(
 def _plain(net: cfg.IPNetwork) -> cfg.IPNetwork:
     """::ffff:a.b.c.d/n as the IPv4 network it maps (Postfix reports such clients as IPv4)."""
     if isinstance(net, ipaddress.IPv6Network):
-        return cfg.mapped_ipv4(net) or net
+        return mapped_ipv4(net) or net
     return net
 
 

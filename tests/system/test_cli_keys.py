@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from dkim_sidecar import __version__
-from dkim_sidecar.cli import _txt_lookup
+from dkim_sidecar.cli.keys import txt_lookup
 from dkim_sidecar.dkim.keys import SigningKey, check_published
 from harness.dnsserver import TxtServer
 from harness.paths import REPO, VECTORS
@@ -265,7 +265,7 @@ def test_check_dns_over_real_dns_wire_format(material: dict[str, bytes]) -> None
         "servfail._domainkey.gen.example": None,
     }
     with TxtServer(zone) as server:
-        lookup = _txt_lookup(None, server.resolver())
+        lookup = txt_lookup(None, server.resolver())
 
         def check(selector: str) -> tuple[bool, str]:
             k = SigningKey.load("gen.example", selector, material["gen"])
@@ -531,7 +531,7 @@ def test_sign_with_an_unknown_canonicalization_gives_one_clear_line(tmp_path: Pa
 def test_milter_map_lines_write_mapped_networks_as_ipv4_once() -> None:
     from ipaddress import ip_network
 
-    from dkim_sidecar.cli import milter_map_lines
+    from dkim_sidecar.cli.keys import milter_map_lines
 
     nets = [ip_network(n) for n in ("192.0.2.0/28", "2001:db8:1::/64", "::ffff:192.0.2.0/124")]
     nets.append(ip_network("::ffff:203.0.113.7/128"))
@@ -571,7 +571,7 @@ def test_postfix_map_is_a_table_postfix_reads(setup: tuple[Path, Path, redis.Red
     )
     table = config.parent / "milters.cidr"
     table.write_text(out)
-    from dkim_sidecar.cli import DEFAULT_MAP_MILTERS
+    from dkim_sidecar.cli.keys import DEFAULT_MAP_MILTERS
 
     for inside in ("192.0.2.77", "2001:db8:1::25", "198.51.100.3"):
         assert postmap(table, inside) == DEFAULT_MAP_MILTERS
@@ -602,7 +602,7 @@ def test_postfix_map_with_redis_down_says_what_is_missing(tmp_path: Path) -> Non
 def test_postfix_maps_default_milters_are_the_line_of_postfix_extra_cf() -> None:
     """`postfix-map` writes, for each relay network, the milter list that config/postfix-extra.cf
     gives smtpd_milters: the two must never drift apart."""
-    from dkim_sidecar.cli import DEFAULT_MAP_MILTERS
+    from dkim_sidecar.cli.keys import DEFAULT_MAP_MILTERS
 
     extra = REPO / "config" / "postfix-extra.cf"
     lines = [ln for ln in extra.read_text().splitlines() if ln.startswith("smtpd_milters = ")]

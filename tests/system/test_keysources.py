@@ -1007,7 +1007,7 @@ def test_runtime_relay_check_takes_source_networks_as_the_config_takes_its_own()
         assert runtime.is_relay(inside), inside
     for outside in ("11.0.0.1", "::ffff:11.0.0.1", "2001:db8:6::1", "127.0.0.1", "bogus"):
         assert not runtime.is_relay(outside), outside
-    assert Config(relay_networks=found).is_relay("10.0.0.5")  # the same rule for both
+    assert Runtime.build(Config(relay_networks=found), KeySet()).is_relay("10.0.0.5")  # same rule
 
 
 def test_a_redis_error_text_holding_the_password_is_withheld_whole() -> None:

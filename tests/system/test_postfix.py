@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dkim_sidecar.cli import milter_map_lines
+from dkim_sidecar.cli.keys import milter_map_lines
 from dkim_sidecar.dkim.header import split_message
 from dkim_sidecar.dkim.keys import Algorithm, SigningKey, generate_key
 from harness.dkimcheck import signature_domains, verify_all

@@ -20,7 +20,7 @@ LIBRARIES = {
 
 # Modules still longer than ~400 lines, each to be split (docs/design.md, "Still to do"); the
 # test fails when one grows past its length today or another joins them.
-OVERSIZE = {"config.py": 1030, "keysources/mailcow.py": 509, "cli.py": 511}
+OVERSIZE = {"keysources/mailcow.py": 509}
 MAX_LINES = 420
 
 

@@ -36,7 +36,14 @@ from dkim_sidecar.config import (
 )
 from dkim_sidecar.dkim.canon import Canon, Canonicalization
 from dkim_sidecar.milter.address import Listen, ListenKind
+from dkim_sidecar.relay import RelayTable
 from harness.paths import REPO
+
+
+def is_relay(config: Config, ip: str) -> bool:
+    """What the runtime asks of a snapshot: is `ip` in the config's relay networks?"""
+    return RelayTable.of(config.relay_networks).contains(ip)
+
 
 EXAMPLE = REPO / "config" / "dkim-sidecar.example.yml"
 _MAPPED = IPv6Network("::ffff:0:0/96")
@@ -469,59 +476,59 @@ def test_is_relay() -> None:
         {"relay_networks": ["192.168.1.0/24", "10.0.0.5", "2001:db8:1::/48"]}, "c", {}
     )
     # IPv4, edges of the CIDR
-    assert config.is_relay("192.168.1.0")
-    assert config.is_relay("192.168.1.77")
-    assert config.is_relay("192.168.1.255")
-    assert not config.is_relay("192.168.0.255")
-    assert not config.is_relay("192.168.2.0")
+    assert is_relay(config, "192.168.1.0")
+    assert is_relay(config, "192.168.1.77")
+    assert is_relay(config, "192.168.1.255")
+    assert not is_relay(config, "192.168.0.255")
+    assert not is_relay(config, "192.168.2.0")
     # a bare address is a /32
-    assert config.is_relay("10.0.0.5")
-    assert not config.is_relay("10.0.0.4")
-    assert not config.is_relay("10.0.0.6")
+    assert is_relay(config, "10.0.0.5")
+    assert not is_relay(config, "10.0.0.4")
+    assert not is_relay(config, "10.0.0.6")
     # IPv6, edges
-    assert config.is_relay("2001:db8:1::")
-    assert config.is_relay("2001:db8:1:ffff:ffff:ffff:ffff:ffff")
-    assert not config.is_relay("2001:db8:0:ffff:ffff:ffff:ffff:ffff")
-    assert not config.is_relay("2001:db8:2::")
+    assert is_relay(config, "2001:db8:1::")
+    assert is_relay(config, "2001:db8:1:ffff:ffff:ffff:ffff:ffff")
+    assert not is_relay(config, "2001:db8:0:ffff:ffff:ffff:ffff:ffff")
+    assert not is_relay(config, "2001:db8:2::")
     # IPv4-mapped IPv6 client addresses match as IPv4
-    assert config.is_relay("::ffff:192.168.1.10")
-    assert config.is_relay("::FFFF:10.0.0.5")
-    assert not config.is_relay("::ffff:192.168.2.10")
+    assert is_relay(config, "::ffff:192.168.1.10")
+    assert is_relay(config, "::FFFF:10.0.0.5")
+    assert not is_relay(config, "::ffff:192.168.2.10")
     # IPv4 addresses never match IPv6 networks and vice versa
-    assert not config.is_relay("::1")
-    assert not config.is_relay("127.0.0.1")
+    assert not is_relay(config, "::1")
+    assert not is_relay(config, "127.0.0.1")
     # garbage
     for junk in ["", "localhost", "192.168.1", "192.168.1.1/32", "[::1]", "999.1.1.1", "::g"]:
-        assert not config.is_relay(junk), junk
+        assert not is_relay(config, junk), junk
 
 
 def test_is_relay_default_loopback() -> None:
     config = Config()
-    assert config.is_relay("127.0.0.1")
-    assert config.is_relay("127.255.255.255")
-    assert config.is_relay("::1")
-    assert config.is_relay("::ffff:127.0.0.1")
-    assert not config.is_relay("128.0.0.0")
-    assert not config.is_relay("::2")
+    assert is_relay(config, "127.0.0.1")
+    assert is_relay(config, "127.255.255.255")
+    assert is_relay(config, "::1")
+    assert is_relay(config, "::ffff:127.0.0.1")
+    assert not is_relay(config, "128.0.0.0")
+    assert not is_relay(config, "::2")
 
 
 def test_is_relay_with_a_mapped_network_in_the_config() -> None:
     config = parse_config({"relay_networks": ["::ffff:192.0.2.0/120"]}, "c", {})
     assert config.relay_networks == (IPv6Network("::ffff:192.0.2.0/120"),)
-    assert config.is_relay("::ffff:192.0.2.1")
-    assert config.is_relay("192.0.2.255")
-    assert not config.is_relay("192.0.3.0")
+    assert is_relay(config, "::ffff:192.0.2.1")
+    assert is_relay(config, "192.0.2.255")
+    assert not is_relay(config, "192.0.3.0")
 
 
 def test_is_relay_empty() -> None:
     config = parse_config({"relay_networks": []}, "c", {})
-    assert not config.is_relay("127.0.0.1")
+    assert not is_relay(config, "127.0.0.1")
 
 
 def test_is_relay_survives_replace() -> None:
     config = dataclasses.replace(Config(), relay_networks=(IPv4Network("198.51.100.0/24"),))
-    assert config.is_relay("198.51.100.1")
-    assert not config.is_relay("127.0.0.1")
+    assert is_relay(config, "198.51.100.1")
+    assert not is_relay(config, "127.0.0.1")
 
 
 # --- headers -----------------------------------------------------------------------------------
@@ -819,8 +826,8 @@ def test_env_overrides(tmp_path: Path) -> None:
         IPv4Network("10.0.0.5/32"),
         IPv6Network("2001:db8::/32"),
     )
-    assert config.is_relay("192.168.1.20")
-    assert not config.is_relay("127.0.0.1")
+    assert is_relay(config, "192.168.1.20")
+    assert not is_relay(config, "127.0.0.1")
     assert str(config.metrics.listen) == "inet:0.0.0.0:9100"
     assert config.log_level is LogLevel.DEBUG
     assert config.log_format is LogFormat.JSON
@@ -933,7 +940,7 @@ def test_a_header_cap_past_the_servers_packet_limit_needs_a_restart() -> None:
 def test_example_file_loads() -> None:
     config = load_config(str(EXAMPLE), {})
     assert config.source == str(EXAMPLE)
-    assert config.is_relay("192.168.1.50")
+    assert is_relay(config, "192.168.1.50")
     assert config.keys.redis == RedisSource()
     assert config.sign_headers == DEFAULT_SIGN_HEADERS
     assert config.oversign_headers == DEFAULT_OVERSIGN_HEADERS
@@ -983,14 +990,14 @@ def test_is_relay_matches_ipaddress(
     for number in v4:
         addr = IPv4Address(number)
         expected = any(addr in n for n in plain if n.version == 4)
-        assert config.is_relay(str(addr)) == expected or len(plain) < len(networks)
+        assert is_relay(config, str(addr)) == expected or len(plain) < len(networks)
         # the IPv4-mapped IPv6 spelling gives the same answer
-        assert config.is_relay(f"::ffff:{addr}") == config.is_relay(str(addr))
+        assert is_relay(config, f"::ffff:{addr}") == is_relay(config, str(addr))
     for number in v6:
         addr6 = IPv6Address(number)
         if addr6.ipv4_mapped is not None:
             continue
-        assert config.is_relay(str(addr6)) == any(addr6 in n for n in networks if n.version == 6)
+        assert is_relay(config, str(addr6)) == any(addr6 in n for n in networks if n.version == 6)
 
 
 def test_the_default_password_is_mailcows_redispass_and_nothing_else() -> None:
