@@ -15,17 +15,7 @@ Ed25519 (RFC 8463) is not something Mailcow stores. With `ed25519_key_prefix` se
 `<prefix>PRIV_KEYS` (PEM or the bare base64 seed), so a domain signs with Mailcow's RSA key and an
 Ed25519 key side by side (dual signing).
 
-Forwarding hosts (`data/web/inc/functions.fwdhost.inc.php`) can be taken as extra relay networks:
-
-    WHITELISTED_FWD_HOST  <IP or CIDR> -> what the admin typed: the same IP or CIDR, or a host
-                                          name that Mailcow expanded into that domain's outgoing
-                                          networks (`get_outgoing_hosts_best_guess`: its SPF,
-                                          MX or A/AAAA addresses), one field each
-    KEEP_SPAM             <IP or CIDR> -> "1" when the spam filter is off for that host
-
-Only a field whose value is its own IP or CIDR becomes a relay network: a host the admin runs.
-The networks expanded from a name are someone else's (typing `gmail.com` stores Google's
-outgoing ranges): every user of that provider could have mail signed as ours.
+Forwarding hosts, read in the same round trip, are forwarding.py's business.
 
 Only read commands are sent: AUTH when connecting, then HGETALL and HMGET (plus SELECT when
 `db` is not 0; no CLIENT SETINFO). Mailcow's Redis has one user (`default`, password
@@ -44,17 +34,23 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
 import logging
 import re
-from collections.abc import Iterable, Iterator
-from typing import Any, Literal
+from collections.abc import Iterator
+from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ..dkim.keys import Algorithm, KeyLoadError, SigningKey, check_dns_name
+from .forwarding import (
+    FWD_HOSTS_HASH,
+    KEEP_SPAM_HASH,
+    NetworksFrom,
+    relay_networks,
+    whitelisted,
+)
 from .local import Network, SourceResult, SourceUnavailable
 from .specs import RedisSource
 
@@ -62,31 +58,7 @@ __all__ = ["NetworksFrom", "RedisKeySource"]
 
 log = logging.getLogger("dkim_sidecar")
 
-NetworksFrom = Literal["keep_spam", "forwarding_hosts"]
-
-FWD_HOSTS_HASH = "WHITELISTED_FWD_HOST"
-KEEP_SPAM_HASH = "KEEP_SPAM"
-
 _B64_SPACE = re.compile(rb"\s+")
-
-
-# The shortest prefix a forwarding host may have to be taken as a relay network, per IP
-# version: a /8 (IPv4) or a /16 (IPv6) at the widest.
-_MIN_PREFIXLEN = {4: 8, 6: 16}
-
-
-def parse_network(text: str) -> tuple[Network, bool]:
-    """An IP address or CIDR as Mailcow stores a forwarding host; a bare address is a /32 or
-    /128. The flag says whether host bits were set (`192.0.2.7/24`): the network is then the
-    enclosing one, as Mailcow's own match (`in_net` in `dynmaps/forwardinghosts.php`) and
-    rspamd's maps read it. ValueError for anything else (a host name).
-    """
-    text = text.strip()
-    if "/" not in text:
-        return ipaddress.ip_network(ipaddress.ip_address(text)), False
-    network = ipaddress.ip_network(text, strict=False)
-    address = ipaddress.ip_address(text.split("/", 1)[0])
-    return network, address != network.network_address
 
 
 class RedisKeySource:
@@ -329,10 +301,10 @@ class RedisKeySource:
 
         networks: list[Network] = []
         if self._networks_from:
-            networks = self._networks(f, where, problems)
-        return SourceResult(
-            tuple(keys), tuple(problems), tuple(networks), _whitelisted(f.fwd_hosts)
-        )
+            networks = relay_networks(
+                f.fwd_hosts or {}, f.keep_spam, self._networks_from, where, problems
+            )
+        return SourceResult(tuple(keys), tuple(problems), tuple(networks), whitelisted(f.fwd_hosts))
 
     def _loaded(
         self,
@@ -385,78 +357,6 @@ class RedisKeySource:
             return True
         seen.add((key.domain, key.selector))
         return False
-
-    def _networks(self, f: _Fetched, where: str, problems: list[str]) -> list[Network]:
-        fwd_hosts = f.fwd_hosts or {}  # read (or raised) whenever networks are asked for
-        if self._networks_from == "forwarding_hosts":
-            hosts: Iterable[bytes] = fwd_hosts
-            what = FWD_HOSTS_HASH
-        else:
-            hosts = []
-            for host, value in f.keep_spam.items():
-                if value.strip() != b"1":
-                    continue  # Mailcow writes "1" and deletes the field when the filter is on
-                if host not in fwd_hosts:
-                    # Mailcow deletes both fields together; a KEEP_SPAM field on its own is a
-                    # leftover of a manual edit, and is no reason to trust a network
-                    problems.append(
-                        f"{where}: {KEEP_SPAM_HASH} entry {_text(host)!r} is not a forwarding "
-                        f"host in {FWD_HOSTS_HASH}; skipped"
-                    )
-                    continue
-                hosts.append(host)
-            what = KEEP_SPAM_HASH
-        found: dict[Network, None] = {}
-        expanded: dict[str, list[str]] = {}  # typed name -> the networks Mailcow stored for it
-        for host in sorted(hosts):
-            text = _text(host)
-            typed = _text(fwd_hosts.get(host, b"")).strip()
-            if typed != text.strip():
-                expanded.setdefault(typed, []).append(text)
-                continue
-            try:
-                network, widened = parse_network(text)
-            except ValueError:
-                problems.append(
-                    f"{where}: {what} entry {text!r} is not an IP address or network (a host "
-                    "name?); skipped"
-                )
-                continue
-            if network.prefixlen < _MIN_PREFIXLEN[network.version]:
-                # a typo ("/0", "/3") would let any client on the Internet get signatures
-                problems.append(
-                    f"{where}: {what} entry {text!r} is {network}, wider than a /"
-                    f"{_MIN_PREFIXLEN[network.version]}: not trusted to relay; skipped"
-                )
-                continue
-            if widened:
-                # said out loud: a typo in the prefix length lets a whole network relay
-                problems.append(
-                    f"{where}: {what} entry {text!r} has host bits set; using {network}, as "
-                    "Mailcow does"
-                )
-            found[network] = None
-        for typed, networks in sorted(expanded.items()):
-            problems.append(
-                f"{where}: {what} entries {', '.join(networks)} were expanded by Mailcow from "
-                f"the host name {typed!r}: another domain's networks, not hosts you run; "
-                "skipped (add a relay host as its IP address or network)"
-            )
-        return sorted(found, key=lambda n: (n.version, int(n.network_address), n.prefixlen))
-
-
-def _whitelisted(fwd_hosts: dict[bytes, bytes] | None) -> tuple[Network, ...] | None:
-    """Every forwarding-host network as rspamd's WHITELISTED_FWD_HOST map reads the hash: all
-    its fields, typed as a network or expanded from a name alike."""
-    if fwd_hosts is None:
-        return None
-    found = []
-    for host in fwd_hosts:
-        try:
-            found.append(parse_network(_text(host))[0])
-        except ValueError:
-            continue  # not a network: rspamd's map skips it too
-    return tuple(found)
 
 
 class _Fetched:
