@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import CLK_TCK, Milter, cpu_seconds, free_port, verify, wait_listening
-from harness.postfix import PostfixInstance, _group_members
+from harness.postfix import PostfixInstance
+from harness.procfs import group_members
 from harness.sink import SmtpSink
 
 SENDER = "bench@example.com"  # smtp-source writes it into From: too
@@ -59,7 +60,7 @@ def postfix_cpu(inst: PostfixInstance) -> float:
     if master is None:
         return 0.0
     total = 0.0
-    for pid in _group_members(master):
+    for pid in group_members(master):
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()

@@ -8,7 +8,7 @@ containers (Mailcow's), that must be the MTA's container and nothing else.
 `mta_peers` holds addresses, networks and host names. Names (a Postfix container's, which gets
 a new address when it is re-created) are resolved after each key refresh (the first right after
 the milter listens), at SIGHUP, and once, at most every RETRY_SECONDS, when an unknown peer
-connects (server.py holds that connection meanwhile); a name that does not resolve keeps its
+connects (milter/server.py holds that connection meanwhile); a name that does not resolve keeps its
 last good addresses. Unix sockets are governed by their file mode instead.
 """
 

@@ -167,6 +167,8 @@ class Controller:
         self._slots_built = False
         self.keys_loaded_once = False
         self.current = Runtime.build(config, KeySet())
+        # the largest milter packet the server takes, fixed at start (a reload cannot raise it)
+        self.max_packet = cfg.packet_limit(config)
         # who may connect; its names are resolved by the first refresh, off the start-up path
         self.peers = MtaPeers(config.mta_peers)
         self._outside_forwarding_hosts: list[cfg.IPNetwork] = []  # as last logged
@@ -308,7 +310,7 @@ class Controller:
                     problems=str(exc),
                 )
                 return False
-            config, changed = keep_restart_settings(old.config, config)
+            config, changed = keep_restart_settings(old.config, config, self.max_packet)
             for name in changed:
                 event(
                     logging.WARNING,

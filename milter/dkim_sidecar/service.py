@@ -17,7 +17,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from . import __version__
-from .config import Config, packet_limit
+from .config import Config
 from .dkim.canon import scan_helper
 from .logs import event
 from .metrics import Metrics, serve_http
@@ -191,7 +191,7 @@ class Service:
 
         config = self.config
         listen = config.listen
-        max_packet = packet_limit(config)
+        max_packet = self.controller.max_packet
         controller, reporter, metrics = self.controller, self.reporter, self.metrics
 
         def new_session(exact_headers: bool) -> Session:

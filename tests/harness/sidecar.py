@@ -1,6 +1,6 @@
 """The real `dkim-sidecar run` as a subprocess: config file, keys, ports, signals, log.
 
-Tests talk to it as Postfix would (mtaclient) or through a real Postfix, scrape its HTTP
+Tests talk to it as Postfix would (milter/client.py) or through a real Postfix, scrape its HTTP
 endpoint, and send it real signals.
 """
 

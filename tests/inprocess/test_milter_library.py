@@ -186,3 +186,14 @@ def test_a_command_before_negotiation_ends_the_connection(serve) -> None:
         c._send(b"M", b"<a@example.com>\x00")  # MAIL with no option negotiation first
         with pytest.raises((p.ProtocolError, ConnectionError)):
             c._recv()
+
+
+def test_quit_nc_before_negotiation_makes_no_handler(serve) -> None:
+    """QUIT_NC keeps the negotiated options: with none negotiated, there is still no
+    handler, and the MAIL that follows ends the connection."""
+    with MilterClient(serve({}), timeout=10) as c:
+        c._send(b"K")
+        c._send(b"M", b"<a@example.com>\x00")
+        with pytest.raises((p.ProtocolError, ConnectionError)):
+            c._recv()
+    assert Recorder.made == []

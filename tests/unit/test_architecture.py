@@ -4,6 +4,7 @@ dkim_sidecar may import which, what the libraries keep out, how long a module ma
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 from harness.paths import REPO
@@ -16,6 +17,25 @@ DESIGN = REPO / "docs" / "design.md"
 LIBRARIES = {
     "dkim": {"asyncio", "redis", "yaml", "prometheus_client", "socket", "uvloop", "dkim"},
     "milter": {"redis", "yaml", "prometheus_client", "cryptography", "dkim"},
+}
+
+# Inside the application, the directions that keep it layered: a module (or package) and what
+# of dkim_sidecar it must never import.
+FORBIDDEN = {
+    "relay": ("dkim_sidecar.",),
+    "keysources": tuple(
+        f"dkim_sidecar.{m}"
+        for m in ("config", "runtime", "session", "service", "cli", "peers", "metrics", "milter")
+    ),
+    "config": (
+        *(f"dkim_sidecar.{m}" for m in ("runtime", "session", "service", "cli", "peers")),
+        "dkim_sidecar.metrics",
+        "dkim_sidecar.logs",
+        "dkim_sidecar.keysources.local",
+        "dkim_sidecar.keysources.mailcow",
+    ),
+    "session": ("dkim_sidecar.service", "dkim_sidecar.cli", "dkim_sidecar.peers"),
+    "runtime": ("dkim_sidecar.service", "dkim_sidecar.session", "dkim_sidecar.cli"),
 }
 
 # No module grows past ~400 lines (the C helper aside): past that, a module holds more than
@@ -74,6 +94,16 @@ def test_the_libraries_import_nothing_of_the_application() -> None:
     assert not problems, "\n".join(sorted(problems))
 
 
+def test_the_application_imports_point_one_way() -> None:
+    problems = []
+    for name, path in _modules().items():
+        part = name.split(".")[1] if "." in name else ""
+        for imported in _imports(name, path):
+            if any(imported.startswith(f) for f in FORBIDDEN.get(part, ())):
+                problems.append(f"{name} imports {imported}")
+    assert not problems, "\n".join(sorted(problems))
+
+
 def test_the_checks_see_a_forbidden_import() -> None:
     """The walker resolves relative imports: the test above can fail."""
     found = _imports("dkim_sidecar.milter.server", PACKAGE / "milter" / "server.py")
@@ -102,3 +132,13 @@ def test_the_design_document_names_every_module() -> None:
         if path.name != "__init__.py" and str(path.relative_to(PACKAGE)) not in text
     ]
     assert not missing, f"not in docs/design.md: {missing}"
+    # and the other way: every file it names is there
+    named = re.findall(r"`((?:[\w.-]+/)*[\w.-]+\.(?:py|c))`", text)
+    gone = [
+        n
+        for n in named
+        if (n.endswith(".py") or "/" in n)  # ours (milter8.c is Postfix's)
+        and not (REPO / n if n.startswith("tests/") else PACKAGE / n).exists()
+        and not (REPO / n).exists()
+    ]
+    assert not gone, f"docs/design.md names files that do not exist: {gone}"

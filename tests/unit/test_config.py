@@ -932,6 +932,14 @@ def test_a_header_cap_past_the_servers_packet_limit_needs_a_restart() -> None:
     assert names == ["limits.max_header_bytes"]
     assert kept.limits.max_header_bytes == old.limits.max_header_bytes
     assert kept.limits.max_headers == past.limits.max_headers
+    # what counts is the limit the server took at start, not the last reload's
+    started = parse_config({"limits": {"max_header_bytes": 4 << 20}}, "c", {})
+    lowered = parse_config({"limits": {"max_header_bytes": 2 << 20}}, "c", {})
+    limit = packet_limit(started)
+    assert keep_restart_settings(started, lowered, limit) == (lowered, [])
+    assert keep_restart_settings(lowered, started, limit) == (started, [])  # back up: fine
+    kept, names = keep_restart_settings(lowered, past, limit)  # 8 MiB: past it
+    assert names == ["limits.max_header_bytes"] and kept.limits == lowered.limits
 
 
 # --- the example file --------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The milter protocol codec (protocol.py): pure functions, checked against packets built by
+"""The milter protocol codec (milter/codec.py): pure functions, checked against packets built by
 hand from libmilter's mfdef.h layout, and against the independent PyPI package miltertest."""
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def test_packets_decode_with_an_independent_codec() -> None:
 
 def test_constants_agree_with_an_independent_table() -> None:
     """Our values against miltertest's (from libmilter's mfdef.h/mfapi.h): both sides of our
-    tests share protocol.py, so a swapped flag would otherwise only show through Postfix."""
+    tests share milter/codec.py, so a swapped flag would otherwise only show through Postfix."""
     from miltertest import constants as c
 
     flags = {name: value for name, value in vars(p).items() if name.startswith("P_")}

@@ -59,7 +59,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--expire", type=int, help="seconds until the signature expires (x=)")
     sp.set_defaults(func=cmd_sign)
 
-    def withdns_records(sp: argparse.ArgumentParser) -> None:
+    def with_dns_records(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
             "--record",
             action="append",
@@ -69,7 +69,7 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--records", metavar="FILE", help="a file of NAME=TXT lines")
 
     sp = sub.add_parser("verify", help="verify the DKIM signatures of a message from stdin")
-    withdns_records(sp)
+    with_dns_records(sp)
     sp.set_defaults(func=cmd_verify)
 
     sp = sub.add_parser("probe", help="send a message through a running milter and verify it")
@@ -85,7 +85,7 @@ def parser() -> argparse.ArgumentParser:
         help="From address of the built-in sample (e.g. one of your domains)",
     )
     sp.add_argument("message", nargs="?", help="message file (default: a built-in sample)")
-    withdns_records(sp)
+    with_dns_records(sp)
     sp.set_defaults(func=cmd_probe)
 
     sp = sub.add_parser("keys", help="list the keys the config loads and their DNS records")
@@ -95,7 +95,7 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="look each record up and say whether it matches the key (exit 1 if one does not)",
     )
-    withdns_records(sp)
+    with_dns_records(sp)
     sp.set_defaults(func=cmd_keys)
 
     sp = sub.add_parser("check-config", help="validate the config and its keys")

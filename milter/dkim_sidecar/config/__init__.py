@@ -28,6 +28,7 @@ from ..keysources.specs import (
     TableEntry,
     TableSource,
 )
+from ..relay import IPNetwork
 from .convert import parse_domain, parse_selector
 from .load import load_config
 from .model import (
@@ -36,7 +37,6 @@ from .model import (
     Config,
     ConfigError,
     DomainFrom,
-    IPNetwork,
     KeysConfig,
     Limits,
     LogFormat,

@@ -15,7 +15,8 @@ from typing import Any, TypeVar
 from ..dkim.canon import Canonicalization
 from ..dkim.names import BadName, dns_name
 from ..milter.address import HTTP_FORMS, MILTER_FORMS, Listen, is_host_name
-from .model import IPNetwork, is_forbidden_sign_header
+from ..relay import IPNetwork
+from .model import is_forbidden_sign_header
 
 
 class _Invalid(Exception):

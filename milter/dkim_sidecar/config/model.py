@@ -12,8 +12,7 @@ from ipaddress import IPv4Network, IPv6Network
 from ..dkim.canon import Canon, Canonicalization
 from ..keysources.specs import DirectorySource, KeySource, RedisSource, TableSource
 from ..milter.address import Listen, ListenKind
-
-IPNetwork = IPv4Network | IPv6Network
+from ..relay import IPNetwork
 
 
 class ConfigError(Exception):
@@ -213,9 +212,13 @@ def packet_limit(config: Config) -> int:
     return max(config.limits.max_header_bytes, 1 << 20) + 65536
 
 
-def keep_restart_settings(old: Config, new: Config) -> tuple[Config, list[str]]:
+def keep_restart_settings(
+    old: Config, new: Config, server_packet_limit: int | None = None
+) -> tuple[Config, list[str]]:
     """The one list of what a reload cannot change: `new` with those settings as `old` has
-    them, and the names of the ones that differ (they need a restart)."""
+    them, and the names of the ones that differ (they need a restart). The header cap may
+    change up to the packet limit the server took at start (`server_packet_limit`; by default
+    the one `old` gives)."""
     changed: list[str] = []
     listen, metrics_listen, limits = new.listen, new.metrics.listen, new.limits
     if old.listen != new.listen:
@@ -224,7 +227,8 @@ def keep_restart_settings(old: Config, new: Config) -> tuple[Config, list[str]]:
     if old.metrics.listen != new.metrics.listen:
         changed.append("metrics.listen")
         metrics_listen = old.metrics.listen
-    if packet_limit(new) > packet_limit(old):
+    limit = packet_limit(old) if server_packet_limit is None else server_packet_limit
+    if packet_limit(new) > limit:
         # the server would end the connection at a header field the session may now keep
         changed.append("limits.max_header_bytes")
         limits = replace(new.limits, max_header_bytes=old.limits.max_header_bytes)

@@ -5,7 +5,7 @@
  * turn into CRLF, and a line over 998 octets (RFC 5322 section 2.1.1)? relax() does the
  * whitespace part of relaxed body canonicalization (RFC 6376 section 3.4.4 a and b), and hands
  * back the very object it was given when nothing changes (the common case for base64 and most
- * prose): no copy. canon.py / session.py keep a pure-Python path that gives the same answers
+ * prose): no copy. canon.py / edge.py keep a pure-Python path that gives the same answers
  * (the tests compare both).
  *
  * On x86-64 both look at 64-octet blocks, 16 octets per SSE2 instruction: SSE2 is part of the

@@ -1,7 +1,5 @@
-"""Mailcow's forwarding hosts (`data/web/inc/functions.fwdhost.inc.php`), as relay networks and
-as what rspamd whitelists.
-
-Forwarding hosts (`data/web/inc/functions.fwdhost.inc.php`) can be taken as extra relay networks:
+"""Mailcow's forwarding hosts, as relay networks and as what rspamd whitelists. Mailcow's UI
+stores them so (`data/web/inc/functions.fwdhost.inc.php`):
 
     WHITELISTED_FWD_HOST  <IP or CIDR> -> what the admin typed: the same IP or CIDR, or a host
                                           name that Mailcow expanded into that domain's outgoing
@@ -26,6 +24,7 @@ __all__ = [
     "FWD_HOSTS_HASH",
     "KEEP_SPAM_HASH",
     "NetworksFrom",
+    "name_text",
     "parse_network",
     "relay_networks",
     "whitelisted",
@@ -77,7 +76,7 @@ def relay_networks(
                 # Mailcow deletes both fields together; a KEEP_SPAM field on its own is a
                 # leftover of a manual edit, and is no reason to trust a network
                 problems.append(
-                    f"{where}: {KEEP_SPAM_HASH} entry {_text(host)!r} is not a forwarding "
+                    f"{where}: {KEEP_SPAM_HASH} entry {name_text(host)!r} is not a forwarding "
                     f"host in {FWD_HOSTS_HASH}; skipped"
                 )
                 continue
@@ -86,8 +85,8 @@ def relay_networks(
     found: dict[Network, None] = {}
     expanded: dict[str, list[str]] = {}  # typed name -> the networks Mailcow stored for it
     for host in sorted(hosts):
-        text = _text(host)
-        typed = _text(fwd_hosts.get(host, b"")).strip()
+        text = name_text(host)
+        typed = name_text(fwd_hosts.get(host, b"")).strip()
         if typed != text.strip():
             expanded.setdefault(typed, []).append(text)
             continue
@@ -130,12 +129,13 @@ def whitelisted(fwd_hosts: dict[bytes, bytes] | None) -> tuple[Network, ...] | N
     found = []
     for host in fwd_hosts:
         try:
-            found.append(parse_network(_text(host))[0])
+            found.append(parse_network(name_text(host))[0])
         except ValueError:
             continue  # not a network: rspamd's map skips it too
     return tuple(found)
 
 
-def _text(raw: bytes) -> str:
-    # names only: a bad byte shows as U+FFFD in the problem line
+def name_text(raw: bytes) -> str:
+    """A name or host as stored in a Redis hash, for a check or a problem line: a bad byte
+    shows as U+FFFD (and then fails the name check with a readable line)."""
     return raw.decode("utf-8", "replace")

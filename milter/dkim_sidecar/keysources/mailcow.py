@@ -48,6 +48,7 @@ from .forwarding import (
     FWD_HOSTS_HASH,
     KEEP_SPAM_HASH,
     NetworksFrom,
+    name_text,
     relay_networks,
     whitelisted,
 )
@@ -320,7 +321,7 @@ class RedisKeySource:
         where names belong."""
         where = f"redis {self.address}"
         for dom_b, sel_b in sorted(selectors.items()):
-            domain, selector = _text(dom_b), _text(sel_b)
+            domain, selector = name_text(dom_b), name_text(sel_b)
             try:
                 check_dns_name(domain, "domain")
                 check_dns_name(selector, "selector")
@@ -391,12 +392,6 @@ def _as_list(reply: Any) -> list[bytes | None]:
     if not isinstance(reply, list):
         raise redis.exceptions.InvalidResponse(f"expected a list, got {type(reply).__name__}")
     return [v if isinstance(v, bytes) else None for v in reply]
-
-
-def _text(raw: bytes) -> str:
-    # names only (domains, selectors, hosts): a bad byte shows as U+FFFD and then fails the
-    # name check with a readable problem line
-    return raw.decode("utf-8", "replace")
 
 
 def _same_public_key(key: SigningKey, published: bytes) -> bool:

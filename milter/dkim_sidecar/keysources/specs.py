@@ -1,5 +1,5 @@
 """The key sources as the config describes them: one frozen spec per kind, validated once by
-config.py and handed as it is to the source it describes (runtime.make_source)."""
+config/parse.py and handed as it is to the source it describes (runtime.make_source)."""
 
 from __future__ import annotations
 

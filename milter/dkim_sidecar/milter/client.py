@@ -73,9 +73,9 @@ _REPLIES = {
 
 def parse_address(text: str) -> tuple[int, object]:
     """(family, address) to connect to a milter at `inet:HOST:PORT`, `inet6:[ADDR]:PORT`,
-    `unix:/path` (address.Listen's spelling), or a plain `HOST:PORT`."""
+    `unix:/path` (address.Listen's spelling), or a plain `HOST:PORT` or `[ADDR]:PORT`."""
     if not text.startswith(("inet:", "inet6:", "unix:")):
-        text = "inet:" + text
+        text = ("inet6:" if text.startswith("[") else "inet:") + text
     return Listen.parse(text).connect_to()
 
 

@@ -1,7 +1,7 @@
 """The Sendmail milter protocol, version 6: constants and pure encoders/decoders, no I/O.
 
-Both sides use it: the server (server.py) that Postfix talks to, and the MTA-side client
-(mtaclient.py) that `dkim-sidecar probe`, the tests and the benchmark drive it with. Every
+Both sides use it: the server (connection.py, server.py) that Postfix talks to, and the MTA-side
+client (client.py) that `dkim-sidecar probe`, the tests and the benchmark drive it with. Every
 packet is `uint32 length (network order), one command octet, data`; strings are
 NUL-terminated. The values are libmilter's (mfdef.h); the MTA side is Postfix's milter8.c.
 """

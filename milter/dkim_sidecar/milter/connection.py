@@ -53,14 +53,12 @@ _FIRST_SIZE = 16 * 1024  # a connection's read buffer at first: a small message 
 _READ_SIZE = 256 * 1024  # it grows up to this (more only for a larger packet)
 _MIN_ROOM = 4096  # room offered to each read, at least
 _HELD_BYTES = 4096  # what a peer awaiting its verdict may send (an MTA: one packet)
-_MAX_HELD = 64  # peers awaiting a verdict at once; more are refused
-
-IDLE_TIMEOUT = 600.0  # seconds a connection may stay silent (libmilter's was 600 here too)
-_SWEEP = 30.0
 
 
 class _NotNegotiated:
-    """The handler until option negotiation: any other command first is a protocol error."""
+    """The handler until option negotiation: an event that would reach a handler first (MAIL,
+    header, end of header, body, end of message, abort) is a protocol error. CONNECT is let
+    go (no actions agreed yet), HELO, RCPT, DATA and unknown commands get continue."""
 
     in_progress = False
 
@@ -222,12 +220,12 @@ class MilterConnection(asyncio.BufferedProtocol):
                 "milter protocol error; closing",
                 extra={"fields": {"peer": self.peer, "error": str(exc)}},
             )
-            self._drop()
+            self.drop()
             return
         except Exception:
             # a bug of ours: say so, and let the MTA apply its default action
             log.exception("milter connection failed")
-            self._drop()
+            self.drop()
             return
         if pos == end:
             self._start = self._end = 0
@@ -265,7 +263,12 @@ class MilterConnection(asyncio.BufferedProtocol):
             action = self.handler.failed()
         self._reply(cmd, action)
 
-    def _drop(self) -> None:
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def drop(self) -> None:
+        """Close at once (RST): no more events, nothing more written."""
         self._closed = True
         if self.transport is not None:
             self.transport.abort()
@@ -385,7 +388,8 @@ class MilterConnection(asyncio.BufferedProtocol):
         """QUIT, but a new connection follows on this socket: start over, keeping the
         negotiated options."""
         self.handler.close()
-        self.handler = self.server.new_handler(bool(self._protocol & p.P_HDR_LEADSPC))
+        if self.handler is not _NOT_NEGOTIATED:  # no handler before option negotiation
+            self.handler = self.server.new_handler(bool(self._protocol & p.P_HDR_LEADSPC))
         self._macros = {}
         self._held = None
 

@@ -17,11 +17,15 @@ from collections.abc import Callable
 
 from .address import Listen, ListenKind
 from .api import Handler, Options, PeerGate
-from .connection import _MAX_HELD, _SWEEP, IDLE_TIMEOUT, MilterConnection
+from .connection import MilterConnection
 
 __all__ = ["MilterServer"]
 
 log = logging.getLogger("dkim_sidecar.milter")  # the library's own, under the app's
+
+_MAX_HELD = 64  # peers awaiting the gate's verdict at once; more are refused
+IDLE_TIMEOUT = 600.0  # seconds a connection may stay silent (libmilter's was 600 here too)
+_SWEEP = 30.0
 
 
 def _remove_socket(path: str) -> None:
@@ -125,7 +129,7 @@ class MilterServer:
         gate = self.gate
         for conn in held:
             try:
-                if conn._closed or conn.transport is None:
+                if conn.closed or conn.transport is None:
                     continue
                 if gate is not None and gate.allows(conn.peer_ip or "?"):
                     conn.admit()
@@ -133,7 +137,7 @@ class MilterServer:
                     self.refuse(conn)
             except Exception:
                 log.exception("deciding on a held milter connection failed")
-                conn._drop()
+                conn.drop()
 
     def recheck_peers(self) -> None:
         """Close the open connections whose peer the gate no longer allows (after a reload
@@ -151,7 +155,7 @@ class MilterServer:
         """Close a connection from a peer the gate does not allow, after telling the gate."""
         if self.gate is not None:
             self.gate.refused(conn.peer_ip or "?")
-        conn._drop()
+        conn.drop()
 
     # --- the socket -------------------------------------------------------------------------
 
@@ -195,7 +199,7 @@ class MilterServer:
                     log.info(
                         "closing idle milter connection", extra={"fields": {"peer": conn.peer}}
                     )
-                    conn._drop()
+                    conn.drop()
 
     async def close(self) -> None:
         if self._server is not None:
@@ -203,7 +207,7 @@ class MilterServer:
         if self._sweeper is not None:
             self._sweeper.cancel()
         for conn in [*self.connections, *self._held]:
-            conn._drop()
+            conn.drop()
         self._held.clear()
         await asyncio.sleep(0)  # let the transports run connection_lost
         listen = self._listen
