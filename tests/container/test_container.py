@@ -64,6 +64,7 @@ from miltertest import codec as milter_codec
 from miltertest import constants as mc
 
 from harness.paths import REPO
+from harness.ports import free_port
 
 pytestmark = pytest.mark.container
 
@@ -162,12 +163,6 @@ def _tail(text: str | bytes | None, lines: int = 40) -> str:
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
     return "\n".join(text.splitlines()[-lines:])
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def wait_until(

@@ -100,6 +100,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .ports import free_port
 from .procfs import group_members
 
 if TYPE_CHECKING:
@@ -217,23 +218,6 @@ def has_ipv6_loopback() -> bool:
     except OSError:
         return False
     return True
-
-
-def free_port(ipv6_too: bool = False) -> int:
-    """A TCP port free on 127.0.0.1 (and on ::1 if asked). Racy by nature, but fine here."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port: int = s.getsockname()[1]
-        if not ipv6_too:
-            return port
-        try:
-            with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s6:
-                s6.bind(("::1", port))
-        except OSError:
-            continue
-        return port
-    raise OSError("no free port found")
 
 
 @cache

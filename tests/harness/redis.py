@@ -29,7 +29,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -43,6 +42,7 @@ import redis
 from cryptography.hazmat.primitives import serialization
 
 from . import leaks
+from .ports import free_port
 
 __all__ = [
     "RedisServer",
@@ -56,15 +56,6 @@ __all__ = [
 ]
 
 REDIS_SERVER = "/usr/bin/redis-server"
-
-
-def free_port(host: str) -> int:
-    # The port is free now; redis-server binds it a few ms later. Another process could take it
-    # in between: start() then fails with the log tail and the caller may retry.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> None:

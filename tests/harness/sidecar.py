@@ -24,13 +24,7 @@ from dkim_sidecar.dkim.keys import SigningKey
 from dkim_sidecar.milter.client import MilterClient, Result
 
 from . import leaks
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+from .ports import free_port
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
