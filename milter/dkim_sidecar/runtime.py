@@ -7,17 +7,17 @@ when building fails, the old snapshot keeps serving and the failure is logged an
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from . import config as cfg
 from .dkim.signer import SigningPolicy
 from .keysources.files import PasswordError
+from .keysources.forwarding import forwarding_host_warning, outside_forwarding_hosts
 from .keysources.local import (
     DirectoryKeySource,
     KeySet,
@@ -30,7 +30,7 @@ from .keysources.specs import DirectorySource, RedisSource, TableSource
 from .logs import event
 from .metrics import Metrics
 from .peers import MtaPeers, unguarded_listen_warning
-from .relay import RelayTable, mapped_ipv4
+from .relay import RelayTable
 
 log = logging.getLogger("dkim_sidecar")
 
@@ -100,48 +100,6 @@ class _Slot:
 
 # every kind of key source, in the order the metric lists them
 SOURCE_KINDS = tuple(spec.KIND for spec in (DirectorySource, TableSource, RedisSource))
-
-
-def outside_forwarding_hosts(
-    relay_networks: Iterable[cfg.IPNetwork], forwarding_hosts: Iterable[cfg.IPNetwork]
-) -> list[cfg.IPNetwork]:
-    """The relay networks that no Mailcow forwarding host covers whole. Mailcow's rspamd sees
-    such a client as an unauthenticated stranger: mail it sends with From: a Mailcow domain
-    whose SPF does not pass for it is rejected (SPOOFED_UNAUTH) before the sidecar is asked.
-    (Whether SPF passes takes DNS: not checked here, the warning says so.) Loopback is
-    Postfix's own container, never such a client; IPv4-mapped networks count as IPv4."""
-    hosts = [_plain(h) for h in forwarding_hosts]
-    outside = []
-    for net in relay_networks:
-        plain = _plain(net)
-        if plain.is_loopback:
-            continue
-        if not any(plain.version == h.version and _within(plain, h) for h in hosts):
-            outside.append(net)
-    return outside
-
-
-def _plain(net: cfg.IPNetwork) -> cfg.IPNetwork:
-    """::ffff:a.b.c.d/n as the IPv4 network it maps (Postfix reports such clients as IPv4)."""
-    if isinstance(net, ipaddress.IPv6Network):
-        return mapped_ipv4(net) or net
-    return net
-
-
-def _within(net: cfg.IPNetwork, outer: cfg.IPNetwork) -> bool:
-    """net.subnet_of(outer) for two networks of one family, spelled so a type checker sees it."""
-    return net.prefixlen >= outer.prefixlen and (
-        int(net.network_address) & int(outer.netmask) == int(outer.network_address)
-    )
-
-
-def forwarding_host_warning(network: cfg.IPNetwork) -> str:
-    return (
-        f"relay network {network} is not a Mailcow forwarding host: rspamd will reject its mail "
-        "with From: a Mailcow domain (SPOOFED_UNAUTH) before the sidecar signs it, unless that "
-        "domain's SPF record lists it; add it in Mailcow (System > Configuration > Options > "
-        "Forwarding Hosts)"
-    )
 
 
 class Controller:

@@ -101,7 +101,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def _warn_outside_forwarding_hosts(config: Config, keys: KeySet) -> None:
-    from ..runtime import forwarding_host_warning, outside_forwarding_hosts
+    from ..keysources.forwarding import forwarding_host_warning, outside_forwarding_hosts
 
     if keys.forwarding_hosts is None:
         return  # no Mailcow Redis read: nothing known about forwarding hosts

@@ -1,5 +1,6 @@
-"""Mailcow's forwarding hosts, as relay networks and as what rspamd whitelists. Mailcow's UI
-stores them so (`data/web/inc/functions.fwdhost.inc.php`):
+"""Mailcow's forwarding hosts: as relay networks, as what rspamd whitelists, and the relay
+networks none of them covers. Mailcow's UI stores them so
+(`data/web/inc/functions.fwdhost.inc.php`):
 
     WHITELISTED_FWD_HOST  <IP or CIDR> -> what the admin typed: the same IP or CIDR, or a host
                                           name that Mailcow expanded into that domain's outgoing
@@ -18,13 +19,16 @@ import ipaddress
 from collections.abc import Iterable
 from typing import Literal
 
+from ..relay import mapped_ipv4
 from .local import Network
 
 __all__ = [
     "FWD_HOSTS_HASH",
     "KEEP_SPAM_HASH",
     "NetworksFrom",
+    "forwarding_host_warning",
     "name_text",
+    "outside_forwarding_hosts",
     "parse_network",
     "relay_networks",
     "whitelisted",
@@ -139,3 +143,45 @@ def name_text(raw: bytes) -> str:
     """A name or host as stored in a Redis hash, for a check or a problem line: a bad byte
     shows as U+FFFD (and then fails the name check with a readable line)."""
     return raw.decode("utf-8", "replace")
+
+
+def outside_forwarding_hosts(
+    relay_networks: Iterable[Network], forwarding_hosts: Iterable[Network]
+) -> list[Network]:
+    """The relay networks that no Mailcow forwarding host covers whole. Mailcow's rspamd sees
+    such a client as an unauthenticated stranger: mail it sends with From: a Mailcow domain
+    whose SPF does not pass for it is rejected (SPOOFED_UNAUTH) before the sidecar is asked.
+    (Whether SPF passes takes DNS: not checked here, the warning says so.) Loopback is
+    Postfix's own container, never such a client; IPv4-mapped networks count as IPv4."""
+    hosts = [_plain(h) for h in forwarding_hosts]
+    outside = []
+    for net in relay_networks:
+        plain = _plain(net)
+        if plain.is_loopback:
+            continue
+        if not any(plain.version == h.version and _within(plain, h) for h in hosts):
+            outside.append(net)
+    return outside
+
+
+def _plain(net: Network) -> Network:
+    """::ffff:a.b.c.d/n as the IPv4 network it maps (Postfix reports such clients as IPv4)."""
+    if isinstance(net, ipaddress.IPv6Network):
+        return mapped_ipv4(net) or net
+    return net
+
+
+def _within(net: Network, outer: Network) -> bool:
+    """net.subnet_of(outer) for two networks of one family, spelled so a type checker sees it."""
+    return net.prefixlen >= outer.prefixlen and (
+        int(net.network_address) & int(outer.netmask) == int(outer.network_address)
+    )
+
+
+def forwarding_host_warning(network: Network) -> str:
+    return (
+        f"relay network {network} is not a Mailcow forwarding host: rspamd will reject its mail "
+        "with From: a Mailcow domain (SPOOFED_UNAUTH) before the sidecar signs it, unless that "
+        "domain's SPF record lists it; add it in Mailcow (System > Configuration > Options > "
+        "Forwarding Hosts)"
+    )
