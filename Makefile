@@ -68,7 +68,7 @@ lint: venv
 	$(VENV)/bin/mypy
 
 test: system-test venv lint
-	$(VENV)/bin/pytest -m "not soak" -q
+	$(VENV)/bin/pytest -m "not soak" -q --no-skips
 
 bench: system-test venv
 	$(PY) bench/run.py
