@@ -460,7 +460,7 @@ class PostfixInstance:
             check=False,
         )
 
-    def start(self, timeout: float = 30) -> PostfixInstance:
+    def start(self, timeout: float = 60) -> PostfixInstance:
         if self.running:
             return self
         t0 = time.monotonic()
@@ -582,7 +582,7 @@ class PostfixInstance:
         _RUNNING.discard(self)
         self.stop_seconds = time.monotonic() - t0
 
-    def reload(self, timeout: float = 10, idle_exit: float = 2.0) -> None:
+    def reload(self, timeout: float = 60, idle_exit: float = 2.0) -> None:
         """`postfix reload`, and wait until it has taken effect for SMTP: the master has
         re-read main.cf, and the smtpd processes from before have left. An idle smtpd (one the
         start-up probe spawned, say) leaves within milliseconds of noticing the reload, but a
@@ -730,7 +730,7 @@ class PostfixInstance:
                 found.extend(Path(dirpath) / f for f in filenames)
         return found
 
-    def wait_queue_empty(self, timeout: float = 10.0, include_hold: bool = False) -> None:
+    def wait_queue_empty(self, timeout: float = 60.0, include_hold: bool = False) -> None:
         """Wait until incoming/active/deferred/maildrop (and hold, if asked) are empty.
 
         Raises ``TimeoutError`` listing what is left, with the log tail.
@@ -771,7 +771,7 @@ class PostfixInstance:
     def log_tail(self, n: int = 40) -> str:
         return "\n".join(self.log_lines()[-n:])
 
-    def wait_for_log(self, pattern: str, timeout: float = 10.0, since: int = 0) -> re.Match[str]:
+    def wait_for_log(self, pattern: str, timeout: float = 60.0, since: int = 0) -> re.Match[str]:
         """Wait until a log line (after byte offset ``since``) matches the regex."""
         rx = re.compile(pattern)
         deadline = time.monotonic() + timeout

@@ -77,7 +77,7 @@ class RedisServer:
         host: str = "127.0.0.1",
         executable: str = REDIS_SERVER,
         extra_config: Sequence[str] = (),
-        start_timeout: float = 10.0,
+        start_timeout: float = 60.0,
     ) -> None:
         self.password = password if password is not None else secrets.token_urlsafe(18)
         leaks.secret(self.password)

@@ -160,7 +160,7 @@ class Rspamd:
         local_networks: Sequence[str] = ("172.22.1.0/24", "fd4d:6169:6c63:6f77::/64"),
         sieve_hosts: Sequence[str] = ("172.22.1.250/32",),
         rspamd_hosts: Sequence[str] = ("172.22.1.251/32",),
-        start_timeout: float = 30.0,
+        start_timeout: float = 60.0,
     ) -> None:
         self.redis = redis
         self.nameserver = nameserver
@@ -448,7 +448,7 @@ lua = "{local}/mailcow.lua";
             )
         return found
 
-    def result_for(self, message_id: str, timeout: float = 10.0) -> RspamdResult:
+    def result_for(self, message_id: str, timeout: float = 60.0) -> RspamdResult:
         """The scan of the message with this Message-ID (without <>), waiting for its line."""
         deadline = time.monotonic() + timeout
         while True:

@@ -260,7 +260,7 @@ class SmtpSink:
 
     # -- results ---------------------------------------------------------------------
 
-    def wait_for(self, n: int, timeout: float = 10.0) -> list[SinkMessage]:
+    def wait_for(self, n: int, timeout: float = 60.0) -> list[SinkMessage]:
         """Block until at least ``n`` messages were accepted; return a copy of the list.
 
         Raises ``TimeoutError`` (naming how many did arrive) after ``timeout`` seconds.

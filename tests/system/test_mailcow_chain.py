@@ -28,7 +28,6 @@ import copy
 import os
 import re
 import secrets
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.utils import formatdate
@@ -182,7 +181,7 @@ class Outcome:
     scan: RspamdResult  # rspamd's verdict on this message
     delivered: SinkMessage | None
     sidecar_line: str | None  # the sidecar's log line for this message, if it wrote one
-    sidecar_signed: float  # how many messages the sidecar signed meanwhile
+    sidecar_signed: float | None  # how many messages the sidecar signed meanwhile (None: down)
 
     @property
     def signatures(self) -> list[str]:
@@ -197,6 +196,7 @@ def send(
     *,
     expect_delivery: bool = True,
     expect_sidecar_line: bool = True,
+    sidecar_up: bool = True,
 ) -> Outcome:
     """One message from `addr` (XCLIENT), From: and MAIL FROM in `domain`; returns what each
     party made of it. The sidecar's line is the one it wrote for this client meanwhile: its
@@ -214,23 +214,24 @@ def send(
     xclient = {"ADDR": addr}
     if login:
         xclient["LOGIN"] = login
-    signed_before = _signed(chain.sidecar)
+    signed_before = _signed(chain.sidecar) if sidecar_up else None
     log_mark = len(chain.sidecar.log())
     reply = chain.postfix.send(f"printer@{domain}", RCPT, message, xclient=xclient)
     scan = chain.rspamd.result_for(mid)
     delivered = None
     if expect_delivery:
         assert reply.ok, (reply, chain.postfix.log_tail())
-        wait_for(lambda: _find(chain.sink, mid) is not None, 10, f"<{mid}> at the sink")
+        wait_for(lambda: _find(chain.sink, mid) is not None, 60, f"<{mid}> at the sink")
         delivered = _find(chain.sink, mid)
 
     def line() -> str | None:
         new = chain.sidecar.log()[log_mark:].splitlines()
         return next((x for x in new if f" client={addr} " in x), None)
 
-    if expect_sidecar_line:
-        wait_for(lambda: line() is not None, 5, f"the sidecar's log line for {addr}")
-    return Outcome(reply, scan, delivered, line(), _signed(chain.sidecar) - signed_before)
+    if expect_sidecar_line and sidecar_up:
+        wait_for(lambda: line() is not None, 60, f"the sidecar's log line for {addr}")
+    signed = None if signed_before is None else _signed(chain.sidecar) - signed_before
+    return Outcome(reply, scan, delivered, line(), signed)
 
 
 def _signed(sidecar: Sidecar) -> float:
@@ -263,7 +264,7 @@ def networks_rspamd_will_reject(chain: Chain, expected: float) -> float:
     reads `expected` (after a key refresh)."""
     name = "dkim_sidecar_relay_networks_outside_forwarding_hosts"
     with contextlib.suppress(TimeoutError):
-        wait_for(lambda: chain.sidecar.metric(name) == expected, 10 * REFRESH + 5, name)
+        wait_for(lambda: chain.sidecar.metric(name) == expected, 60, name)
     return chain.sidecar.metric(name)
 
 
@@ -305,7 +306,7 @@ def test_relay_host_only_in_mynetworks_is_rejected_by_rspamd(chain: Chain, domai
     # Postfix told the sidecar that the message was dropped; nothing reached the sink.
     assert reason(out.sidecar_line) == "aborted", out.sidecar_line
     assert out.sidecar_signed == 0
-    time.sleep(0.2)
+    # Postfix answered 554 at the dot, so it queued nothing: no later delivery can come.
     assert not any(f"<{out.scan.message_id}>".encode() in m.data for m in chain.sink.attempts)
 
 
@@ -417,7 +418,7 @@ def test_sidecar_stopped_mail_still_flows_unsigned(chain: Chain) -> None:
     try:
         mark = chain.postfix.log_mark()
         with forwarding_host(chain, FORWARDING_HOST, keep_spam=False):
-            out = send(chain, STRICT, RELAY, expect_sidecar_line=False)
+            out = send(chain, STRICT, RELAY, sidecar_up=False)
         assert out.reply.ok
         assert out.signatures == []
         assert f"connect to Milter service {chain.sidecar.postfix_milter}" in (
