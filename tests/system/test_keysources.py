@@ -828,6 +828,39 @@ def test_redis_password_never_logged(
 # -- Redis only: outages ---------------------------------------------------------------------
 
 
+def load_in_time(source: KeySource) -> SourceResult:
+    """source.load() in a thread: a load that never gives up fails the test instead of hanging
+    the suite. The wait is generous: how fast it gives up is for the benchmarks."""
+    done: list[SourceResult | BaseException] = []
+
+    def load() -> None:
+        try:
+            done.append(source.load())
+        except BaseException as e:  # handed to the test thread
+            done.append(e)
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert done, "the load did not give up"
+    if isinstance(done[0], BaseException):
+        raise done[0]
+    return done[0]
+
+
+def connections_to(port: int) -> set[int]:
+    """The client ports of the TCP connections to 127.0.0.1:`port` the kernel knows of. A
+    frozen Redis never accepts or closes one, so each new port is one connection attempt."""
+    found = set()
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            local, remote, state = line.split()[1:4]
+            if int(local.split(":")[1], 16) == port and state != "0A":  # 0A: the listener
+                found.add(int(remote.split(":")[1], 16))
+    return found
+
+
 def test_redis_killed_then_restarted(
     own_redis: RedisServer, sources: list[RedisKeySource], keys: Keys
 ) -> None:
@@ -839,10 +872,8 @@ def test_redis_killed_then_restarted(
     assert len(source.load().keys) == 1  # a pooled connection now exists
 
     own_redis.kill()
-    start = time.monotonic()
-    with pytest.raises(SourceUnavailable) as info:
-        source.load()
-    assert time.monotonic() - start < 1.0
+    with pytest.raises(SourceUnavailable, match="cannot connect") as info:
+        load_in_time(source)
     assert own_redis.address in str(info.value)
     assert own_redis.password not in _chain_text(info.value)
 
@@ -867,12 +898,14 @@ def test_redis_hung_server_times_out(
     cold = redis_source(own_redis, sources, timeout=timeout)
     own_redis.freeze()
     try:
-        for source in (warm, cold):  # over a pooled connection, and over a new one
-            start = time.monotonic()
+        # over a pooled connection, and over a new one; the message says that the timeout
+        # ended the load, and one connection at most says it was not tried again (a retry would
+        # stretch the timeout into many)
+        for source, connects in ((warm, 0), (cold, 1)):
+            before = connections_to(own_redis.port)
             with pytest.raises(SourceUnavailable, match=r"no answer within 0\.5 s"):
-                source.load()
-            elapsed = time.monotonic() - start
-            assert timeout * 0.8 < elapsed < timeout * 2.5, elapsed
+                load_in_time(source)
+            assert len(connections_to(own_redis.port) - before) == connects
     finally:
         own_redis.thaw()
     assert len(warm.load().keys) == 1
