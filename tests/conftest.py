@@ -6,6 +6,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+import hypothesis
 import pytest
 
 from harness import hostguard, leaks, skips
@@ -27,6 +28,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     """No test reads host configuration it did not create (harness/hostguard.py)."""
     hostguard.install()
+    # Property tests check what comes out, not how fast: no per-example deadline and no
+    # "too slow" health check, both of which a loaded 2-core machine trips now and then.
+    hypothesis.settings.register_profile(
+        "suite", deadline=None, suppress_health_check=[hypothesis.HealthCheck.too_slow]
+    )
+    hypothesis.settings.load_profile("suite")
     config.stash[_STRICT] = config.getoption("--no-skips") or skips.strict_from_env()
     config.stash[_SKIPPED] = []
 
