@@ -5,9 +5,7 @@ fixed clock and deterministic keys (Ed25519; RSASSA-PKCS1-v1_5 is deterministic 
 from __future__ import annotations
 
 import base64
-import functools
 import hashlib
-import os
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -22,6 +20,7 @@ from dkim_sidecar.dkim.header import HeaderField, split_message
 from dkim_sidecar.dkim.keys import Algorithm, SigningKey, generate_key
 from dkim_sidecar.dkim.signer import MessageSigner, SigningPolicy
 from harness.paths import VECTORS
+from vectors import regenerate as golden
 
 CRLF = b"\r\n"
 NOW = 1_700_000_000
@@ -417,63 +416,35 @@ def test_expiring_signature_verifies_now(ed: SigningKey) -> None:
 
 
 # --- golden output --------------------------------------------------------------------------------
-# GOLDEN: the files tests/vectors/golden_*.sig were produced once by this signer (with a fixed
-# clock and the deterministic RFC 8463 keys) and checked by dkimpy; they pin the exact bytes
-# (tag order, folding, b=) against regressions. Regenerate deliberately, after checking the
-# change: DKIM_SIDECAR_REGEN_GOLDEN=1 .venv/bin/pytest tests/unit/test_signer.py -k golden
-
-GOLDEN_MESSAGE = (VECTORS / "golden_message.eml").read_bytes()
-GOLDEN = {
-    "golden_relaxed_dual.sig": (("rsa", "ed"), policy(), None),
-    "golden_simple_relaxed_expiring.sig": (
-        ("ed",),
-        policy(
-            "simple/relaxed",
-            ("from", "to", "cc", "subject", "date", "message-id", "received"),
-            ("from", "to", "cc", "subject"),
-            expire_after=7 * 86400,
-        ),
-        NOW + 60,  # dkimpy checks x= against its clock
-    ),
-}
+# GOLDEN: the files tests/vectors/golden_*.sig were produced by this signer (with a fixed clock
+# and the deterministic RFC 8463 keys) and checked by dkimpy; they pin the exact bytes (tag order,
+# folding, b=) against regressions. The vectors are defined in tests/vectors/regenerate.py;
+# regenerate them deliberately, after checking the change, with that script (never by a test):
+# .venv/bin/python tests/vectors/regenerate.py
 
 
-@functools.cache
-def golden_keys() -> dict[str, SigningKey]:
-    return {
-        "ed": SigningKey.load(
-            "example.com", "ed", (VECTORS / "rfc8463_a1_ed25519.seed").read_bytes()
-        ),
-        "rsa": SigningKey.load("example.com", "rsa", (VECTORS / "rfc8463_a1_rsa.pem").read_bytes()),
-    }
-
-
-@pytest.mark.parametrize("name", sorted(GOLDEN))
+@pytest.mark.parametrize("name", sorted(golden.GOLDEN))
 def test_golden_signature_bytes(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    key_names, pol, verify_at = GOLDEN[name]
-    gk = golden_keys()
-    keys_used = [gk[k] for k in key_names]
-    got = b"".join(sign(keys_used, pol, GOLDEN_MESSAGE, now=NOW))
-    path = VECTORS / name
-    if os.environ.get("DKIM_SIDECAR_REGEN_GOLDEN") == "1":
-        path.write_bytes(got)
-    assert got == path.read_bytes()
+    key_names, pol, verify_at = golden.GOLDEN[name]
+    keys_used = [golden.keys()[k] for k in key_names]
+    got = b"".join(sign(keys_used, pol, golden.MESSAGE, now=golden.NOW))
+    assert got == (VECTORS / name).read_bytes()
     if verify_at is not None:
         monkeypatch.setattr(dkim.time, "time", lambda: float(verify_at))
     for i in range(len(keys_used)):
-        assert verify(got + GOLDEN_MESSAGE, records_for(*keys_used), i) == "pass"
+        assert verify(got + golden.MESSAGE, records_for(*keys_used), i) == "pass"
 
 
 def test_golden_is_stable_under_chunking() -> None:
-    gk = golden_keys()
+    key_names, pol, _ = golden.GOLDEN["golden_relaxed_dual.sig"]
     expected = (VECTORS / "golden_relaxed_dual.sig").read_bytes()
     for size in (1, 2, 3, 64):
         got = b"".join(
             sign(
-                [gk["rsa"], gk["ed"]],
-                policy(),
-                GOLDEN_MESSAGE,
-                now=NOW,
+                [golden.keys()[k] for k in key_names],
+                pol,
+                golden.MESSAGE,
+                now=golden.NOW,
                 chunks=lambda b, n=size: (b[i : i + n] for i in range(0, len(b), n)),
             )
         )
@@ -598,7 +569,7 @@ def test_generated_messages_verify_and_chunking_is_invisible(
     # SMTP a body always ends with CRLF, so real mail never shows the difference.
     if body[-1:] in (b" ", b"\t"):
         body += b"."
-    key = golden_keys()["ed"]
+    key = golden.keys()["ed"]
     message = b"From: a@example.com\r\nSubject:" + subject + b"\r\nTo: b@example.com\r\n\r\n" + body
 
     def chunked(b: bytes) -> list[bytes]:
