@@ -8,7 +8,7 @@ import hashlib
 import smtplib
 import socket
 import subprocess
-import time
+import threading
 from pathlib import Path
 
 import dkim
@@ -16,12 +16,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from harness import dkimcheck
+from harness import dkimcheck, skips
 from harness.postfix import (
     PostfixError,
     PostfixInstance,
     has_ipv6_loopback,
-    postfix_available,
     postmap_query,
 )
 from harness.sink import SinkMessage, SmtpSink
@@ -71,8 +70,8 @@ def _relay(pf: PostfixInstance, message: bytes, **kw: object) -> SinkMessage:
     result = pf.send(SENDER, [RCPT], message, **kw)  # type: ignore[arg-type]
     assert result.ok, f"{result}\n{pf.log_tail()}"
     assert pf.sink is not None
-    got = pf.sink.wait_for(1, timeout=15)
-    pf.wait_queue_empty(timeout=10)
+    got = pf.sink.wait_for(1, timeout=60)
+    pf.wait_queue_empty(timeout=60)
     assert len(got) == 1
     assert got[0].mail_from == SENDER
     assert got[0].rcpt_tos == [RCPT]
@@ -90,7 +89,7 @@ def test_sink_stores_data_byte_exact_and_unstuffed(smtp_sink: SmtpSink) -> None:
         assert c.has_extn("8bitmime") and c.has_extn("smtputf8")
         assert int(c.esmtp_features["size"]) >= 60 * 1024 * 1024
         assert c.sendmail(SENDER, [RCPT, "carol@example.org"], msg) == {}
-    (got,) = smtp_sink.wait_for(1, timeout=5)
+    (got,) = smtp_sink.wait_for(1, timeout=60)
     assert got.data == msg
     assert got.body == TRICKY_BODY
     assert got.rcpt_tos == [RCPT, "carol@example.org"]
@@ -98,10 +97,22 @@ def test_sink_stores_data_byte_exact_and_unstuffed(smtp_sink: SmtpSink) -> None:
 
 
 def test_sink_wait_for_times_out(smtp_sink: SmtpSink) -> None:
-    t0 = time.monotonic()
-    with pytest.raises(TimeoutError):
-        smtp_sink.wait_for(1, timeout=0.2)
-    assert time.monotonic() - t0 < 2
+    """No message comes: wait_for gives up and says how many did. In a thread, so that one
+    that never gives up fails here instead of hanging the suite."""
+    raised: list[TimeoutError] = []
+
+    def wait() -> None:
+        try:
+            smtp_sink.wait_for(1, timeout=0.2)
+        except TimeoutError as e:
+            raised.append(e)
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    waiter.join(60)
+    assert not waiter.is_alive(), "wait_for did not give up"
+    assert raised, "wait_for returned without a message"
+    assert "0 of 1 messages after 0.2s" in str(raised[0])
 
 
 # --- Postfix -> sink ------------------------------------------------------------------------
@@ -113,7 +124,8 @@ def test_body_and_headers_pass_byte_exact(postfix_factory) -> None:
     got = _relay(pf, msg)
     assert got.body == TRICKY_BODY
     _only_received_prepended(got, msg)
-    assert f"id {pf.send(SENDER, RCPT, msg).queue_id}".encode() in pf.sink.wait_for(2)[1].data
+    queue_id = pf.send(SENDER, RCPT, msg).queue_id
+    assert f"id {queue_id}".encode() in pf.sink.wait_for(2, timeout=60)[1].data
     assert "status=sent" in pf.read_log()
 
 
@@ -187,8 +199,9 @@ def test_20mb_message_passes(postfix_factory) -> None:
     _only_received_prepended(got, msg)
 
 
-@pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback (::1) on this machine")
 def test_delivery_through_ipv6_loopback(postfix_factory) -> None:
+    if not has_ipv6_loopback():
+        skips.machine_cannot("bind ::1 (no IPv6 loopback)")
     pf = postfix_factory()
     assert pf.host6 == "::1"
     msg = _message(b"over IPv6\r\n")
@@ -213,7 +226,6 @@ def test_reload_applies_new_main_cf(postfix_factory) -> None:
     assert _relay(pf, _message(b"after reload\r\n")).body == b"after reload\r\n"
 
 
-@pytest.mark.skipif(not postfix_available(), reason="Postfix is not installed")
 def test_postmap_query_tells_not_found_from_failure(tmp_path) -> None:
     """A tool's failure is never read as an answer: postmap exits 1 for "not found" and for a
     fatal error alike."""
@@ -235,30 +247,27 @@ def test_host_configuration_is_out_of_reach(tmp_path) -> None:
         open("/etc/postfix/main.cf")  # noqa: SIM115 (the open itself is what is refused)
     with pytest.raises(hostguard.HostStateError, match=r"/etc/dkim-sidecar/config\.yml"):
         Path("/etc/dkim-sidecar/config.yml").read_text()
-    if postfix_available():
-        p = subprocess.run(
-            ["/usr/sbin/postmap", "-q", "x", "inline:{x=y}"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert p.returncode != 0 and hostguard.NO_MAIL_CONFIG in p.stderr, p.stderr
+    p = subprocess.run(
+        ["/usr/sbin/postmap", "-q", "x", "inline:{x=y}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert p.returncode != 0 and hostguard.NO_MAIL_CONFIG in p.stderr, p.stderr
 
 
-def test_start_stop_are_fast_and_leave_nothing(smtp_sink: SmtpSink) -> None:
+def test_start_stop_leave_nothing(smtp_sink: SmtpSink) -> None:
     pf = PostfixInstance(smtp_sink.port)
     try:
         pf.start()
         pid = pf.master_pid()
         assert pid is not None
-        assert pf.start_seconds < 5, pf.start_seconds  # typically ~0.1 s
         pf.stop()
-        assert pf.stop_seconds < 5, pf.stop_seconds  # typically ~0.02 s
         assert pf.master_pid() is None
         # a second start of the same instance (quick-start path)
         pf.start()
         assert pf.send(SENDER, [RCPT], _message(b"again\r\n")).ok
-        assert smtp_sink.wait_for(1, timeout=15)[0].body == b"again\r\n"
+        assert smtp_sink.wait_for(1, timeout=60)[0].body == b"again\r\n"
     finally:
         pf.cleanup()
     assert not pf.base.exists()
@@ -272,7 +281,7 @@ def test_wait_queue_empty_times_out_when_the_sink_is_down(smtp_sink: SmtpSink) -
         assert pf.send(SENDER, [RCPT], _message(b"stuck\r\n")).ok
         with pytest.raises(TimeoutError, match="queue not empty"):
             pf.wait_queue_empty(timeout=0.5)
-        pf.wait_for_log(r"status=deferred", timeout=15)
+        pf.wait_for_log(r"status=deferred", timeout=60)
 
 
 # --- dkimcheck --------------------------------------------------------------------------------
