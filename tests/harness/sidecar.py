@@ -6,19 +6,19 @@ endpoint, and send it real signals.
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from dkim_sidecar.dkim.keys import SigningKey
 from dkim_sidecar.milter.client import MilterClient, Result
@@ -84,9 +84,15 @@ class Sidecar:
         self.config_path.write_text(yaml.safe_dump(self.config))
 
     def start(self, wait_ready: bool = True) -> Sidecar:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DKIM_SIDECAR_")}
-        env.update(self.env)
-        env["PYTHONUNBUFFERED"] = "1"
+        # Nothing from the host's environment but where programs are: a REDISPASS, a proxy or
+        # a DKIM_SIDECAR_* override there must not change what the test set up. What the test
+        # gives (self.env) is all the process sees besides.
+        env = {
+            "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
+            "LANG": "C.UTF-8",
+            "PYTHONUNBUFFERED": "1",
+            **self.env,
+        }
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         argv = [sys.executable, "-m", "dkim_sidecar.cli", "run", "--config", str(self.config_path)]
         if self.hosts is not None:
@@ -115,9 +121,10 @@ class Sidecar:
             env=env,
             cwd=self.dir,
         )
-        wait_for(self.listening, 10, "the milter to listen")
+        # generous: a loaded machine may take seconds to start Python
+        wait_for(self.listening, 60, "the milter to listen")
         if wait_ready:
-            wait_for(lambda: self.http("/readyz")[0] == 200, 10, "/readyz")
+            wait_for(lambda: self.http("/readyz")[0] == 200, 60, "/readyz")
         return self
 
     def listening(self) -> bool:
@@ -135,43 +142,50 @@ class Sidecar:
             return False
 
     def http(self, path: str) -> tuple[int, str]:
-        url = f"http://127.0.0.1:{self.metrics_port}{path}"
+        """(status, body) of a GET on the metrics port; (0, "") when nothing answers. Straight
+        to 127.0.0.1: an http_proxy in the environment is not asked."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.metrics_port, timeout=10)
         try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode()
+            conn.request("GET", path)
+            r = conn.getresponse()
+            return r.status, r.read().decode()
         except OSError:
             return 0, ""
+        finally:
+            conn.close()
 
     def metric(self, name: str, **labels: str) -> float:
-        """The value of one sample from /metrics (0 when absent)."""
-        _, text = self.http("/metrics")
-        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-        for line in text.splitlines():
-            if line.startswith("#"):
-                continue
-            key, _, value = line.rpartition(" ")
-            if "{" in key:
-                n, _, rest = key.partition("{")
-                got = ",".join(sorted(rest.rstrip("}").split(",")))
-            else:
-                n, got = key, ""
-            if n == name and got == want:
-                return float(value)
+        """The value of one sample from /metrics. A sample the process exports the family of,
+        but not with these labels, is 0 (a labelled counter not yet incremented). An endpoint
+        that does not answer, a family the process does not export, or label names its samples
+        do not have raise: a `== 0` must not pass on a dead endpoint or a typo."""
+        status, text = self.http("/metrics")
+        if status != 200:
+            raise RuntimeError(f"/metrics of the sidecar answered {status or 'nothing'}")
+        families = list(text_string_to_metric_families(text))
+        # the sample names each family can have (the parser names a counter without _total)
+        if not any(name in _sample_names(f.name, f.type) for f in families):
+            raise LookupError(f"/metrics exports no metric {name!r}")
+        samples = [s for f in families for s in f.samples if s.name == name]
+        for sample in samples:
+            if sample.labels == labels:
+                return float(sample.value)
+        if samples and not any(s.labels.keys() == labels.keys() for s in samples):
+            have = sorted(samples[0].labels)
+            raise LookupError(f"{name} has the labels {have}, not {sorted(labels)}")
         return 0.0
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def wait_log(self, text: str, timeout: float = 10, count: int = 1) -> None:
+    def wait_log(self, text: str, timeout: float = 30, count: int = 1) -> None:
         wait_for(lambda: self.log().count(text) >= count, timeout, f"log line {text!r}")
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)
 
-    def reload(self, timeout: float = 10) -> None:
+    def reload(self, timeout: float = 30) -> None:
         n = self.log().count("config reloaded") + self.log().count("reload failed")
         self.signal(signal.SIGHUP)
         wait_for(
@@ -223,6 +237,18 @@ class Sidecar:
             if r != "continue":
                 return Result(r, "connect", message=message)
             return c.send_message(message, **kw)
+
+
+_SUFFIXES = {
+    "counter": ("_total",),
+    "histogram": ("_count", "_sum", "_bucket"),
+    "summary": ("", "_count", "_sum"),
+    "info": ("_info",),
+}
+
+
+def _sample_names(family: str, kind: str) -> set[str]:
+    return {family + suffix for suffix in _SUFFIXES.get(kind, ("",))}
 
 
 def dns_table(keys: list[SigningKey]) -> dict[str, str]:

@@ -26,6 +26,7 @@ from dkim_sidecar.dkim.keys import Algorithm, SigningKey, generate_key
 from dkim_sidecar.milter.client import MilterClient, Result
 from harness.dkimcheck import verify_all as verify
 from harness.sidecar import Sidecar, wait_for, write_keys
+from harness.threads import run_threads
 
 RELAY = "192.0.2.10"
 OUTSIDE = "198.51.100.7"
@@ -132,27 +133,6 @@ def settle(predicate: Callable[[], bool], timeout: float = 15) -> bool:
         return True
     except TimeoutError:
         return False
-
-
-def run_threads(n: int, target: Callable[[int], None], timeout: float = 120) -> None:
-    """n threads running target(i); every exception is raised here."""
-    errors: list[BaseException] = []
-
-    def guarded(i: int) -> None:
-        try:
-            target(i)
-        except BaseException as exc:  # carried to the test
-            errors.append(exc)
-
-    threads = [threading.Thread(target=guarded, args=(i,), daemon=True) for i in range(n)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + timeout
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    assert not any(t.is_alive() for t in threads), "client threads did not finish in time"
-    if errors:
-        raise errors[0]
 
 
 # --- fixtures ----------------------------------------------------------------------------------
