@@ -31,7 +31,7 @@ def test_make_run_demo_signs_what_probe_sends(tmp_path: Path) -> None:
         [sys.executable, "-m", "dkim_sidecar.demo"], stdout=log, stderr=subprocess.STDOUT, env=env
     )
     try:
-        wait_for(lambda: b"listening" in (tmp_path / "demo.log").read_bytes(), 15, "the demo")
+        wait_for(lambda: b"listening" in (tmp_path / "demo.log").read_bytes(), 60, "the demo")
         records = tmp_path / "demo" / "dns.txt"
         assert records.read_text().count("_domainkey.example.com") == 2
         probe = subprocess.run(
