@@ -278,22 +278,81 @@ class Catalogue:
     def _matcher_problems(
         self, name: str, family: str | None, m: Matcher, variables: bool
     ) -> list[str]:
+        """One matcher of any kind (=, !=, =~, !~): the metric has the label, and the value is
+        one the code can set (a regex: each alternative matches one) where the values are known.
+        A matcher for a value no series has is a bug either way: = and =~ select nothing, != and
+        !~ exclude nothing."""
         if m.label not in self.sample_labels(name):
             return [f"{name} has no label {m.label}"]
-        if m.label in TARGET_LABELS:
-            if variables and re.fullmatch(r"\$\w+|\$\{\w+(:\w+)?\}", m.value):
-                return []
-            return [] if not variables else [f"{name}{{{m.label}}}: a $variable expected"]
-        known = self.values.get((family or "", m.label))
-        if known is None:
-            return [f"{name}{{{m.label}{m.op}{m.value!r}}}: the code sets no fixed values"]
-        if m.op in {"=", "!="}:
-            if m.value not in known:
-                return [f"{name}{{{m.label}={m.value!r}}}: the code never sets it"]
-            return []
-        # a regex: each alternative must match a value the code sets
-        return [
-            f"{name}{{{m.label}{m.op}{m.value!r}}}: {part!r} matches no value the code sets"
-            for part in m.value.split("|")
-            if not any(re.fullmatch(part, value) for value in known)
-        ]
+        where = f"{name}{{{m.label}{m.op}{m.value!r}}}"
+        regex = m.op in {"=~", "!~"}
+        if m.label in TARGET_LABELS:  # set by the scrape config, not the code: values unknown
+            if variables:
+                variable = re.fullmatch(r"\$\w+|\$\{\w+(:\w+)?\}", m.value)
+                return [] if variable else [f"{name}{{{m.label}}}: a $variable expected"]
+            return _regex_problems(where, m.value, None) if regex else []
+        known = self.values.get((family or "", m.label))  # None: any value (e.g. a domain)
+        if regex:
+            return _regex_problems(where, m.value, known)
+        if known is not None and m.value not in known:
+            return [f"{where}: the code never sets it"]
+        return []
+
+
+# What Python's re has and RE2 (Prometheus's regex engine) lacks: lookaround, a named
+# backreference, atomic groups, conditionals (a numbered backreference: _alternatives).
+_NOT_RE2 = ("(?=", "(?!", "(?<=", "(?<!", "(?P=", "(?>", "(?(")
+
+
+def _alternatives(pattern: str) -> tuple[list[str], list[str]]:
+    """The top-level alternatives of a regex (`|` outside groups and classes), and what in it
+    RE2 lacks."""
+    parts: list[str] = []
+    lacking: list[str] = []
+    depth = start = i = 0
+    in_class = False
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            if not in_class and pattern[i + 1 : i + 2] in tuple("123456789"):
+                lacking.append(pattern[i : i + 2])
+            i += 2
+            continue
+        if in_class:
+            in_class = c != "]"
+        elif c == "[":
+            in_class = True
+            i += 2 if pattern[i + 1 : i + 2] == "^" else 1
+            if pattern[i : i + 1] == "]":  # a ']' first in a class is one of its characters
+                i += 1
+            continue
+        elif c == "(":
+            depth += 1
+            lacking += [s for s in _NOT_RE2 if pattern.startswith(s, i)]
+        elif c == ")":
+            depth -= 1
+        elif c == "|" and not depth:
+            parts.append(pattern[start:i])
+            start = i + 1
+        i += 1
+    return [*parts, pattern[start:]], lacking
+
+
+def _regex_problems(where: str, pattern: str, known: set[str] | None) -> list[str]:
+    """A label regex as Prometheus reads it (RE2, anchored at both ends, so Python's fullmatch):
+    it compiles, uses nothing RE2 lacks and, where the label's values are known, each of its
+    alternatives matches one of them (else it is a typo, or selects nothing)."""
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        return [f"{where}: not a regex ({e})"]
+    parts, lacking = _alternatives(pattern)
+    if lacking:
+        return [f"{where}: {', '.join(lacking)} is not RE2, which Prometheus uses"]
+    if known is None:
+        return []
+    return [
+        f"{where}: {part!r} matches no value the code sets"
+        for part in parts
+        if not any(re.fullmatch(part, value) for value in known)
+    ]
