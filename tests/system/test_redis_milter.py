@@ -6,7 +6,8 @@ Keys go into Redis the way Mailcow's PHP writes them (tests/harness/redis.py: PK
 generated, PKCS#1 when imported, LF line ends), and every signature is checked by dkimpy
 against a DNS table built from DKIM_PUB_KEYS, the value Mailcow's UI tells the admin to publish.
 
-Refresh intervals are short (REFRESH seconds), and every wait is bounded.
+Refresh intervals are short (REFRESH seconds); every wait is for an event, bounded generously
+(POLL), and nothing is timed.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from harness.sidecar import Sidecar, wait_for
 RELAY = "192.0.2.10"  # in relay_networks
 OUTSIDE = "203.0.113.9"  # in no relay network, ever
 REFRESH = 0.5  # seconds between key refreshes in every sidecar here
-POLL = 5.0  # how long a change in Redis may take to show in the milter
+POLL = 30.0  # how long a change in Redis may take to show in the milter, on a loaded machine
 ED_PREFIX = "DKIM_ED25519_"
 
 # Long and random: a leak cannot hide behind a short or common string.
@@ -274,7 +275,7 @@ def running(
         yield s
         assert_nothing_leaked(s, [PASSWORD, WRONG_PASSWORD], key_lines or [])  # while it runs
     finally:
-        rc = s.stop(timeout=15)
+        rc = s.stop()
     assert rc == 0, s.log()
     assert "Traceback" not in s.log(), s.log()
     assert_nothing_leaked(s, [PASSWORD, WRONG_PASSWORD], key_lines or [])  # and its last words
@@ -397,7 +398,8 @@ def test_deleted_domain_stops_being_signed(
     gone = keys.spare[1]
     gone.seed(admin)
     try:
-        send_until(sidecar, gone.domain, signed)
+        r = send_until(sidecar, gone.domain, signed)
+        assert verify(r.message, mailcow_dns(admin)) == [True]
     finally:
         gone.delete(admin)
     before = no_key_count(sidecar)
@@ -471,22 +473,25 @@ def test_forwarding_hosts_from_mailcow_are_relay_networks_live(
         assert verify(r.message, mailcow_dns(admin)) == [True]
         assert let_go_at_connect(sidecar.send(msg("gen.example"), beside))
         assert let_go_at_connect(sidecar.send(msg("gen.example"), OUTSIDE))
-        assert signed(sidecar.send(msg("gen.example"), RELAY))  # the config's own network
+        r = sidecar.send(msg("gen.example"), RELAY)  # the config's own network
+        assert verify(r.message, mailcow_dns(admin)) == [True]
     finally:
         # Mailcow's fwdhost('delete') removes both fields
         admin.hdel("WHITELISTED_FWD_HOST", "198.51.100.0/28")
         admin.hdel("KEEP_SPAM", "198.51.100.0/28")
     send_until(sidecar, "gen.example", let_go_at_connect, client_ip=forwarder)
-    assert signed(sidecar.send(msg("gen.example"), forwarder_v6))  # still listed
+    r = sidecar.send(msg("gen.example"), forwarder_v6)  # still listed
+    assert verify(r.message, mailcow_dns(admin)) == [True]
     admin.hdel("WHITELISTED_FWD_HOST", "2001:db8:77::/48")
     admin.hdel("KEEP_SPAM", "2001:db8:77::/48")
     send_until(sidecar, "gen.example", let_go_at_connect, client_ip=forwarder_v6)
-    assert signed(sidecar.send(msg("gen.example"), RELAY))
+    assert verify(sidecar.send(msg("gen.example"), RELAY).message, mailcow_dns(admin)) == [True]
 
 
-def test_password_never_in_log_or_metrics(sidecar: Sidecar, keys: Keys) -> None:
+def test_password_never_in_log_or_metrics(sidecar: Sidecar, admin: redis.Redis, keys: Keys) -> None:
     """Also checked when every sidecar here stops; this one looks while it runs."""
-    assert sidecar.send(msg("gen.example"), RELAY).signatures
+    r = sidecar.send(msg("gen.example"), RELAY)
+    assert verify(r.message, mailcow_dns(admin)) == [True]
     assert_nothing_leaked(sidecar, [PASSWORD, WRONG_PASSWORD], all_key_lines(keys))
     assert "dkim_sidecar_redis_up 1.0" in sidecar.http("/metrics")[1]
 
@@ -611,12 +616,40 @@ def test_redis_killed_mid_run_then_back(tmp_path: Path, keys: Keys) -> None:
             admin.close()
 
 
+def connected(pid: int, port: int) -> bool:
+    """Has process `pid` an established TCP connection to 127.0.0.1:`port`?"""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(int(link[len("socket:[") : -1]))
+    with open(f"/proc/{pid}/net/tcp") as f:
+        next(f)  # the column names
+        for line in f:
+            cols = line.split()
+            remote, state, inode = cols[2], cols[3], int(cols[9])
+            if state == "01" and remote == f"0100007F:{port:04X}" and inode in inodes:
+                return True
+    return False
+
+
+def stopped(pid: int) -> bool:
+    """Is process `pid` stopped (SIGSTOP)?"""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rpartition(")")[2].split()[0] == "T"
+
+
 @pytest.mark.parametrize("trouble", ["down", "frozen"])
 def test_redis_unavailable_at_start(tmp_path: Path, keys: Keys, trouble: str) -> None:
-    """The milter listens at once and passes mail unsigned; it signs once Redis answers.
+    """The milter listens and passes mail unsigned while Redis cannot answer; it signs once
+    Redis answers.
 
     down: nothing listens on the port (connection refused at once);
-    frozen: a Redis that accepts connections but never answers (SIGSTOP).
+    frozen: a Redis that accepts connections but never answers (SIGSTOP). The sidecar's Redis
+    timeout is an hour and its first key load is seen blocked on Redis: a milter that waited
+    for that load before listening, or a message that waited for Redis, would not be answered
+    before Redis is thawed.
     """
     srv = RedisServer(password=PASSWORD)
     srv.port = free_port("127.0.0.1")
@@ -627,23 +660,21 @@ def test_redis_unavailable_at_start(tmp_path: Path, keys: Keys, trouble: str) ->
             admin = srv.client()
             keys.gen.seed(admin)
             srv.freeze()
-        # a long Redis timeout: a message that waited for Redis would show
-        config = sidecar_config(srv.port, timeout=3)
-        started = time.monotonic()
+        config = sidecar_config(srv.port, timeout=3600)
         with running(tmp_path, config, {"REDISPASS": PASSWORD}, wait_ready=False) as s:
-            took = time.monotonic() - started  # Popen to an accepted connection
-            assert took < 3, f"the milter took {took:.2f} s to listen"
+            assert s.proc is not None
+            if trouble == "frozen":
+                wait_for(lambda: connected(s.proc.pid, srv.port), POLL, "a connection to Redis")
             assert s.http("/healthz")[0] == 200
             assert s.http("/readyz")[0] == 503
-            sent = time.monotonic()
-            r = s.send(msg("gen.example"), RELAY)
-            assert time.monotonic() - sent < 1.5, "a message waited for Redis"
-            assert unsigned_no_key(r)
+            assert unsigned_no_key(s.send(msg("gen.example"), RELAY))
             assert s.metric("dkim_sidecar_redis_up") == 0
-
+            # all of this was answered while Redis could not answer
             if trouble == "frozen":
+                assert srv.pid is not None and stopped(srv.pid)
                 srv.thaw()
             else:
+                assert not srv.running
                 srv.start()
                 admin = srv.client()
                 keys.gen.seed(admin)
