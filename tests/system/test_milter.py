@@ -272,7 +272,7 @@ def test_independent_milter_client_gets_a_verifying_signature(sidecar: Sidecar, 
     """The PyPI package miltertest as the MTA, not our own client."""
     import miltertest
 
-    sock = socket.create_connection(("127.0.0.1", sidecar.port), timeout=10)
+    sock = socket.create_connection(("127.0.0.1", sidecar.port), timeout=30)
     conn = miltertest.MilterConnection(sock)
     C = miltertest.constants
     # miltertest cannot parse macro lists in the negotiation reply: offer no SETSYMLIST, which
@@ -350,7 +350,7 @@ def test_mta_offering_fewer_options_gets_every_reply_it_waits_for(
     A reply too many or too few would shift every later answer by one."""
     from dkim_sidecar.milter import client as m
 
-    with m.MilterClient(sidecar.milter, timeout=10) as c:
+    with m.MilterClient(sidecar.milter, timeout=30) as c:
         c.negotiate(protocol=m.ALL_PROTOCOL & ~withheld)
         assert not c.protocol & withheld
         assert c.connect(RELAY_V4) == "continue"

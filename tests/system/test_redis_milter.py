@@ -582,7 +582,7 @@ def test_redis_killed_mid_run_then_back(tmp_path: Path, keys: Keys) -> None:
         try:
             keys.gen.seed(admin)
             dns = mailcow_dns(admin)
-            config = sidecar_config(srv.port, timeout=1)
+            config = sidecar_config(srv.port, timeout=5)
             with running(tmp_path, config, {"REDISPASS": PASSWORD}) as s:
                 assert verify(s.send(msg("gen.example"), RELAY).message, dns) == [True]
                 assert s.metric("dkim_sidecar_redis_up") == 1
