@@ -9,7 +9,7 @@ from typing import Any
 import hypothesis
 import pytest
 
-from harness import hostguard, leaks, skips
+from harness import hostguard, leaks, sidecar, skips
 from harness.postfix import PostfixInstance, postfix_available
 from harness.sink import SmtpSink
 
@@ -94,6 +94,7 @@ def no_secret_leaked_anywhere() -> Iterator[None]:
     """After the whole run: no key material and no Redis password in any sidecar log,
     exception text or HTTP answer (metrics, health) of any test (harness/leaks.py)."""
     yield
+    sidecar.kill_leftovers()  # of tests that failed before stopping theirs
     found = leaks.find_leaks()
     assert not found, "secrets leaked:\n" + "\n".join(found[:20])
 

@@ -36,6 +36,33 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
 
 
+def clean_env(**given: str) -> dict[str, str]:
+    """The environment for a sidecar or CLI process a test starts: nothing from the host's but
+    where programs are. A REDISPASS, a proxy or a DKIM_SIDECAR_* override there must not change
+    what the test set up; what the test gives is all the process sees besides."""
+    return {
+        "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
+        "LANG": "C.UTF-8",
+        "PYTHONUNBUFFERED": "1",
+        **given,
+    }
+
+
+# Every process any Sidecar started: a test that fails half-way does not stop its own, and
+# none may outlive the session (conftest kills what is left).
+_STARTED: list[subprocess.Popen[bytes]] = []
+
+
+def kill_leftovers() -> int:
+    """SIGKILL every sidecar process still running; how many there were."""
+    left = [p for p in _STARTED if p.poll() is None]
+    for proc in left:
+        proc.kill()
+        proc.wait(10)
+    _STARTED.clear()
+    return len(left)
+
+
 class Sidecar:
     """One dkim-sidecar process under a temp dir."""
 
@@ -84,15 +111,7 @@ class Sidecar:
         self.config_path.write_text(yaml.safe_dump(self.config))
 
     def start(self, wait_ready: bool = True) -> Sidecar:
-        # Nothing from the host's environment but where programs are: a REDISPASS, a proxy or
-        # a DKIM_SIDECAR_* override there must not change what the test set up. What the test
-        # gives (self.env) is all the process sees besides.
-        env = {
-            "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
-            "LANG": "C.UTF-8",
-            "PYTHONUNBUFFERED": "1",
-            **self.env,
-        }
+        env = clean_env(**self.env)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         argv = [sys.executable, "-m", "dkim_sidecar.cli", "run", "--config", str(self.config_path)]
         if self.hosts is not None:
@@ -121,6 +140,7 @@ class Sidecar:
             env=env,
             cwd=self.dir,
         )
+        _STARTED.append(self.proc)
         # generous: a loaded machine may take seconds to start Python
         wait_for(self.listening, 60, "the milter to listen")
         if wait_ready:

@@ -4,7 +4,6 @@ directory and Mailcow's Redis, `check-config`, `genkey` → `sign` → `verify`,
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 import subprocess
@@ -26,6 +25,7 @@ from harness.dnsserver import TxtServer
 from harness.paths import REPO, VECTORS
 from harness.postfix import postmap_query
 from harness.redis import RedisServer, mailcow_pub_b64, seed_forwarding_host, seed_mailcow
+from harness.sidecar import clean_env
 
 CLI = Path(sys.executable).parent / "dkim-sidecar"
 PASSWORD = secrets.token_urlsafe(48)
@@ -48,11 +48,13 @@ MESSAGE = (
 def run(
     *args: str, stdin: bytes = b"", env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[bytes]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("DKIM_SIDECAR_")}
-    base.pop("REDISPASS", None)
-    base.update(env or {})
     return subprocess.run(
-        [str(CLI), *args], input=stdin, capture_output=True, env=base, timeout=60, check=False
+        [str(CLI), *args],
+        input=stdin,
+        capture_output=True,
+        env=clean_env(**(env or {})),
+        timeout=60,
+        check=False,
     )
 
 

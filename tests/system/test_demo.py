@@ -5,26 +5,23 @@ does not need 8891 and 9901 to be free."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from harness.dkimcheck import verify_all
-from harness.sidecar import free_port, wait_for
+from harness.sidecar import clean_env, free_port, wait_for
 
 CLI = Path(sys.executable).parent / "dkim-sidecar"
 
 
 def test_make_run_demo_signs_what_probe_sends(tmp_path: Path) -> None:
     port, metrics = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DKIM_SIDECAR_")}
-    env.update(
+    env = clean_env(
         DKIM_SIDECAR_DEMO_DIR=str(tmp_path / "demo"),
         DKIM_SIDECAR_LISTEN=f"inet:127.0.0.1:{port}",
         DKIM_SIDECAR_METRICS_LISTEN=f"inet:127.0.0.1:{metrics}",
-        PYTHONUNBUFFERED="1",
     )
     log = open(tmp_path / "demo.log", "wb")  # noqa: SIM115 - closed below
     demo = subprocess.Popen(

@@ -41,7 +41,7 @@ from harness.redis import (
     seed_forwarding_host,
     seed_mailcow,
 )
-from harness.sidecar import Sidecar, wait_for
+from harness.sidecar import Sidecar, clean_env, wait_for
 
 RELAY = "192.0.2.10"  # in relay_networks
 OUTSIDE = "203.0.113.9"  # in no relay network, ever
@@ -731,7 +731,7 @@ def test_relay_networks_outside_forwarding_hosts_are_named_and_counted(
                 ],
                 capture_output=True,
                 text=True,
-                env={**os.environ, "REDISPASS": PASSWORD},
+                env=clean_env(REDISPASS=PASSWORD),
                 timeout=60,
                 check=False,
             )
