@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
 
 import hypothesis
 import pytest
@@ -34,59 +33,8 @@ def pytest_configure(config: pytest.Config) -> None:
         "suite", deadline=None, suppress_health_check=[hypothesis.HealthCheck.too_slow]
     )
     hypothesis.settings.load_profile("suite")
-    config.stash[_STRICT] = config.getoption("--no-skips") or skips.strict_from_env()
-    config.stash[_SKIPPED] = []
-
-
-_STRICT = pytest.StashKey[bool]()
-_SKIPPED = pytest.StashKey[list[tuple[str, str, bool]]]()
-
-
-def _skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
-    longrepr = report.longrepr
-    text = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
-    return text.removeprefix("Skipped: ")
-
-
-def _judge_skip(config: pytest.Config, report: pytest.TestReport | pytest.CollectReport) -> None:
-    """Record every skip; in strict mode turn one that is not a machine limit into a failure."""
-    if not report.skipped or hasattr(report, "wasxfail"):
-        return
-    reason = _skip_reason(report)
-    allowed = skips.is_machine_limit(reason)
-    strict = config.stash[_STRICT]
-    config.stash[_SKIPPED].append((report.nodeid, reason, allowed or not strict))
-    if strict and not allowed:
-        report.outcome = "failed"
-        report.longrepr = (
-            f"skipped, and a skip here hides a regression: {reason}\n"
-            "`make test` installs every part the suite needs, so this one is missing or broken. "
-            "Only what the machine cannot have may skip (harness/skips.machine_cannot)."
-        )
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    outcome = yield
-    _judge_skip(item.config, outcome.get_result())
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
-    outcome = yield
-    _judge_skip(collector.config, outcome.get_result())
-
-
-def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
-    """Every run says what it did not check."""
-    skipped = config.stash[_SKIPPED]
-    mode = "strict" if config.stash[_STRICT] else "not strict: skips pass"
-    terminalreporter.section(f"skips ({mode})", sep="-")
-    if not skipped:
-        terminalreporter.line("no test skipped")
-    for nodeid, reason, allowed in skipped:
-        verdict = "skipped" if allowed else "FAILED "
-        terminalreporter.line(f"{verdict} {nodeid}: {reason}")
+    strict = config.getoption("--no-skips") or skips.strict_from_env()
+    config.pluginmanager.register(skips.Judge(strict), "skips")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -54,12 +54,6 @@ from harness.sink import SinkMessage, SmtpSink
 
 ROOT = REPO
 
-if not rspamd_available():
-    pytest.skip(
-        "rspamd is not installed (/usr/bin/rspamd missing; `make test` installs it)",
-        allow_module_level=True,
-    )
-
 STRICT = "strict.example"  # v=spf1 -all, DMARC p=reject
 LENIENT = "lenient.example"  # v=spf1 ~all, DMARC p=none
 LISTED = "listed.example"  # v=spf1 ip4:<the printers' network> -all, DMARC p=reject
@@ -114,6 +108,8 @@ class Chain:
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
     if not postfix_available():
         pytest.skip("Postfix is not installed (/usr/sbin/postfix missing)")
+    if not rspamd_available():
+        pytest.skip("rspamd is not installed (/usr/bin/rspamd missing; `make test` installs it)")
     if os.geteuid() != 0:
         pytest.fail("this module must run as root (it starts a real Postfix master and rspamd)")
     keys = {d: generate_key(Algorithm.RSA_SHA256, 2048) for d in (STRICT, LENIENT, LISTED)}
