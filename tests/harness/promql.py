@@ -28,6 +28,10 @@ from dkim_sidecar.session import Reason
 # of a target (from the scrape config, not from the sidecar).
 PROMETHEUS_SERIES = {"up": ("job", "instance")}
 TARGET_LABELS = ("job", "instance")
+# Labels whose values are data, not code (a domain the config names): any value is right. Every
+# other label's values the Catalogue lists; a label with no list is an error, not "anything".
+# (The target labels are the scrape config's: _matcher_problems checks them apart.)
+FREE_LABELS = {("dkim_sidecar_domain_messages", "domain")}
 
 AGGREGATIONS = {
     "sum", "min", "max", "avg", "group", "stddev", "stdvar", "count", "count_values",
@@ -197,7 +201,7 @@ class Catalogue:
         # sample name -> family name, and family -> label names
         self.family_of: dict[str, str] = {}
         self.labels: dict[str, tuple[str, ...]] = {}
-        # (family, label) -> the values the code can set; absent: any value (e.g. domain)
+        # (family, label) -> the values the code can set (a label in FREE_LABELS: any value)
         self.values: dict[tuple[str, str], set[str]] = {}
         wrappers = {
             family.name: collector
@@ -223,11 +227,11 @@ class Catalogue:
             self.labels[family.name] = tuple(labels)
             for name in names:
                 self.family_of[name] = family.name
-            # the children a fresh registry already has (Metrics creates them up front)
+            # the children a fresh registry already has (Metrics creates them up front), and
+            # the buckets of a histogram (le)
             for sample in family.samples:
                 for label, value in sample.labels.items():
-                    if label != "le":
-                        self.values.setdefault((family.name, label), set()).add(value)
+                    self.values.setdefault((family.name, label), set()).add(value)
         # the children made on the fly, from the code that makes them
         outcomes = {r.outcome for r in Reason}
         self._add("dkim_sidecar_messages", "outcome", outcomes)
@@ -240,6 +244,16 @@ class Catalogue:
     def _add(self, family: str, label: str, values: set[str]) -> None:
         assert label in self.labels[family], f"{family} has no label {label}"
         self.values.setdefault((family, label), set()).update(values)
+
+    def values_of(self, family: str, label: str) -> set[str] | None:
+        """The values the code can give `label` of `family`; None for a free label (any value).
+        LookupError for a label with no list: the list is missing here (see _add)."""
+        if (family, label) in FREE_LABELS:
+            return None
+        known = self.values.get((family, label))
+        if known is None:
+            raise LookupError(f"{family}{{{label}}}: the catalogue lists no values for it")
+        return known
 
     def sample_labels(self, name: str) -> tuple[str, ...]:
         """The labels a series of this name has, the target's included."""
@@ -291,7 +305,10 @@ class Catalogue:
                 variable = re.fullmatch(r"\$\w+|\$\{\w+(:\w+)?\}", m.value)
                 return [] if variable else [f"{name}{{{m.label}}}: a $variable expected"]
             return _regex_problems(where, m.value, None) if regex else []
-        known = self.values.get((family or "", m.label))  # None: any value (e.g. a domain)
+        try:
+            known = self.values_of(family or "", m.label)
+        except LookupError as e:
+            return [f"{where}: {e}"]
         if regex:
             return _regex_problems(where, m.value, known)
         if known is not None and m.value not in known:

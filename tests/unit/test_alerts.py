@@ -59,6 +59,7 @@ RIGHT = [
     'dkim_sidecar_messages_total{reason=~"no_.*", outcome!~"signed|aborted"}',
     'up{job=~"dkim-sidecar|mailcow-.+", instance!~"127[.].*"}',
     'dkim_sidecar_domain_messages_total{domain="example.com"}',  # any domain can be a value
+    'dkim_sidecar_sign_duration_seconds_bucket{le=~"0[.]01|[+]Inf"}',  # the buckets it has
 ]
 
 
@@ -81,8 +82,20 @@ def test_the_checker_takes_right_matchers_of_every_kind(expr: str) -> None:
         ('dkim_sidecar_messages_total{outcome!~"signed|faild"}', "'faild' matches no value"),
         ('up{job!~"dkim-sidecar["}', "not a regex"),
         ('dkim_sidecar_redis_up{source!~"redis"}', "has no label source"),
+        ('dkim_sidecar_sign_duration_seconds_bucket{le="0.2"}', "never sets it"),
+        ('dkim_sidecar_sign_duration_seconds_count{le="0.1"}', "has no label le"),
     ],
 )
 def test_the_checker_catches_a_wrong_matcher_of_every_kind(expr: str, why: str) -> None:
     found = Catalogue().problems(expr)
     assert any(why in p for p in found), found
+
+
+def test_a_label_without_a_value_list_is_an_error() -> None:
+    """Only FREE_LABELS take any value: a label whose value list is missing (one added to the
+    code and not to the catalogue) is reported, not let through."""
+    catalogue = Catalogue()
+    expr = 'dkim_sidecar_messages_total{reason="no_key"}'
+    assert catalogue.problems(expr) == []
+    del catalogue.values[("dkim_sidecar_messages", "reason")]
+    assert any("lists no values" in p for p in catalogue.problems(expr)), catalogue.problems(expr)
