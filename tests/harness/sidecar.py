@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from dkim_sidecar.milter.client import MilterClient, Result
 
 from . import leaks
 from .ports import free_port
+from .promql import Catalogue
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -162,37 +164,45 @@ class Sidecar:
             return False
 
     def http(self, path: str) -> tuple[int, str]:
-        """(status, body) of a GET on the metrics port; (0, "") when nothing answers. Straight
-        to 127.0.0.1: an http_proxy in the environment is not asked."""
+        """(status, body) of a GET on the metrics port; (0, "") when nothing answers, or no
+        whole answer (a process starting or dying: a refused connection, a closed one, a short
+        body). Straight to 127.0.0.1: an http_proxy in the environment is not asked."""
         conn = http.client.HTTPConnection("127.0.0.1", self.metrics_port, timeout=10)
         try:
             conn.request("GET", path)
             r = conn.getresponse()
             return r.status, r.read().decode()
-        except OSError:
+        except (OSError, http.client.HTTPException):
             return 0, ""
         finally:
             conn.close()
 
     def metric(self, name: str, **labels: str) -> float:
-        """The value of one sample from /metrics. A sample the process exports the family of,
-        but not with these labels, is 0 (a labelled counter not yet incremented). An endpoint
-        that does not answer, a family the process does not export, or label names its samples
-        do not have raise: a `== 0` must not pass on a dead endpoint or a typo."""
+        """The value of one sample from /metrics; 0 for a sample the sidecar can export but has
+        not yet (a labelled counter not yet incremented). The name, the label names and the
+        label values are first held against what the code exports (harness.promql.Catalogue):
+        a typo in any of them raises, as does an endpoint that does not answer, so a `== 0`
+        cannot pass on a typo or a dead endpoint."""
+        catalogue = _catalogue()
+        family = catalogue.family_of.get(name)
+        if family is None:
+            raise LookupError(f"the sidecar exports no metric {name!r}")
+        have = set(catalogue.labels[family]) | ({"le"} if name.endswith("_bucket") else set())
+        if set(labels) != have:
+            raise LookupError(f"{name} has the labels {sorted(have)}, not {sorted(labels)}")
+        for label, value in labels.items():
+            known = catalogue.values_of(family, label)  # None: any value (a domain)
+            if known is not None and value not in known:
+                raise LookupError(f"{name}{{{label}={value!r}}}: the sidecar never sets it")
         status, text = self.http("/metrics")
         if status != 200:
             raise RuntimeError(f"/metrics of the sidecar answered {status or 'nothing'}")
-        families = list(text_string_to_metric_families(text))
-        # the sample names each family can have (the parser names a counter without _total)
-        if not any(name in _sample_names(f.name, f.type) for f in families):
-            raise LookupError(f"/metrics exports no metric {name!r}")
-        samples = [s for f in families for s in f.samples if s.name == name]
-        for sample in samples:
-            if sample.labels == labels:
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        if family not in families:  # the process runs other code than the catalogue read
+            raise LookupError(f"/metrics of the process exports no metric {name!r}")
+        for sample in families[family].samples:
+            if sample.name == name and sample.labels == labels:
                 return float(sample.value)
-        if samples and not any(s.labels.keys() == labels.keys() for s in samples):
-            have = sorted(samples[0].labels)
-            raise LookupError(f"{name} has the labels {have}, not {sorted(labels)}")
         return 0.0
 
     def log(self) -> str:
@@ -234,6 +244,8 @@ class Sidecar:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(5)
+        if self.proc is not None:
+            self._log.close()  # a restart opens it again
 
     # --- driving it as an MTA ----------------------------------------------------------------
 
@@ -259,16 +271,9 @@ class Sidecar:
             return c.send_message(message, **kw)
 
 
-_SUFFIXES = {
-    "counter": ("_total",),
-    "histogram": ("_count", "_sum", "_bucket"),
-    "summary": ("", "_count", "_sum"),
-    "info": ("_info",),
-}
-
-
-def _sample_names(family: str, kind: str) -> set[str]:
-    return {family + suffix for suffix in _SUFFIXES.get(kind, ("",))}
+@cache
+def _catalogue() -> Catalogue:
+    return Catalogue()
 
 
 def dns_table(keys: list[SigningKey]) -> dict[str, str]:
