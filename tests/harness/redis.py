@@ -147,7 +147,8 @@ class RedisServer:
     def _wait_ready(self) -> None:
         assert self._proc is not None
         deadline = time.monotonic() + self.start_timeout
-        client = self.client(socket_timeout=1.0, socket_connect_timeout=1.0)
+        # a loaded machine may take seconds to answer the first PING
+        client = self.client(socket_timeout=5.0, socket_connect_timeout=5.0)
         try:
             while True:
                 if self._proc.poll() is not None:
@@ -158,7 +159,9 @@ class RedisServer:
                 try:
                     if client.ping():
                         return
-                except redis.ConnectionError:
+                # not up yet, or too slow to answer: redis-py 8's TimeoutError is no
+                # ConnectionError
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
                     pass
                 if time.monotonic() > deadline:
                     self.kill()

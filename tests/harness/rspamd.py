@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import contextlib
 import grp
+import http.client
 import os
 import pwd
 import re
@@ -71,8 +72,6 @@ import signal
 import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -359,12 +358,16 @@ lua = "{local}/mailcow.lua";
             time.sleep(0.05)
 
     def _normal_ready(self) -> bool:
-        url = f"http://127.0.0.1:{self.normal_port}/ping"
+        # http.client, not urllib: urlopen would ask an http_proxy from the environment, and
+        # rspamd would look "not ready" whenever one is set
+        conn = http.client.HTTPConnection("127.0.0.1", self.normal_port, timeout=5)
         try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                return bool(r.status == 200)
-        except (OSError, urllib.error.URLError):
+            conn.request("GET", "/ping")
+            return conn.getresponse().status == 200
+        except (OSError, http.client.HTTPException):  # not up yet, or a half answer
             return False
+        finally:
+            conn.close()
 
     def _proxy_ready(self) -> bool:
         try:

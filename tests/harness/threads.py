@@ -24,6 +24,10 @@ def run_threads(n: int, target: Callable[[int], None], timeout: float = 120) -> 
     deadline = time.monotonic() + timeout
     for t in threads:
         t.join(max(0.0, deadline - time.monotonic()))
-    assert not any(t.is_alive() for t in threads), "client threads did not finish in time"
+    alive = sum(t.is_alive() for t in threads)
+    # a failure first: it is often why the others hang
     if errors:
+        if alive:
+            errors[0].add_note(f"and {alive} of {n} client threads did not finish in {timeout} s")
         raise errors[0]
+    assert not alive, f"{alive} of {n} client threads did not finish in {timeout} s"
