@@ -39,6 +39,7 @@ def test_make_run_demo_signs_what_probe_sends(tmp_path: Path) -> None:
             capture_output=True,
             timeout=60,
             check=False,
+            env=clean_env(),  # like the demo: nothing of the host's environment
         )  # fmt: skip
         out = probe.stdout
         assert probe.returncode == 0, out + probe.stderr
