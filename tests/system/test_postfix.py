@@ -59,9 +59,15 @@ def sidecar(tmp_path_factory, keyfiles):
 
 @pytest.fixture
 def postfix(postfix_factory, sidecar):
+    # tempfail, not Mailcow's accept: here a sidecar that is down or never asked fails the
+    # delivery, so "no signature" always means the sidecar decided so
     return postfix_factory(
-        f"{{ {sidecar.postfix_milter}, default_action=accept }}", extra_mynetworks=NETS
+        f"{{ {sidecar.postfix_milter}, default_action=tempfail }}", extra_mynetworks=NETS
     )
+
+
+def skipped(sidecar, reason: str) -> float:
+    return sidecar.metric("dkim_sidecar_messages_total", outcome="skipped", reason=reason)
 
 
 def message(
@@ -107,15 +113,21 @@ def test_ipv6_relay_client_is_signed(postfix, keyfiles) -> None:
 
 
 @pytest.mark.parametrize("addr", [None, OUTSIDE])
-def test_client_outside_relay_networks_is_never_signed(postfix, addr) -> None:
+def test_client_outside_relay_networks_is_never_signed(postfix, sidecar, addr) -> None:
     # 127.0.0.1 (no XCLIENT) and 198.51.100.7 may relay through Postfix, but are not ours
+    before = skipped(sidecar, "not_relay")
     got = deliver(postfix, message(), addr)
     assert signature_domains(got) == []
+    # not_relay counts connects: after XCLIENT, Postfix connects the milter again for the
+    # client it names (the test's own 127.0.0.1 was the first)
+    assert skipped(sidecar, "not_relay") == before + (1 if addr is None else 2)
 
 
-def test_authenticated_client_is_left_to_rspamd(postfix) -> None:
+def test_authenticated_client_is_left_to_rspamd(postfix, sidecar) -> None:
+    before = skipped(sidecar, "authenticated")
     got = deliver(postfix, message(), RELAY, login="bob")
     assert signature_domains(got) == []
+    assert skipped(sidecar, "authenticated") == before + 1
 
 
 def test_authenticated_client_is_signed_when_configured(
