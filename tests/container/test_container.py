@@ -1355,13 +1355,15 @@ def _host_routes() -> list[ipaddress.IPv4Network]:
 
 
 def _free_ipv4_prefix() -> str:
-    """Mailcow's default 172.22.1 unless this machine already routes it."""
+    """Mailcow's default 172.22.1 unless this machine already routes it; else the first /24 of
+    172.16.0.0/12 that no route of this machine overlaps."""
     routes = _host_routes()
-    for prefix in ("172.22.1", "172.29.211", "10.231.77"):
-        net = ipaddress.IPv4Network(f"{prefix}.0/24")
+    candidates = [ipaddress.IPv4Network("172.22.1.0/24")]
+    candidates += ipaddress.IPv4Network("172.16.0.0/12").subnets(new_prefix=24)
+    for net in candidates:
         if not any(net.overlaps(r) for r in routes):
-            return prefix
-    skips.machine_cannot("spare a /24 for the test's mailcow-network (all three are routed)")
+            return str(net.network_address).rsplit(".", 1)[0]
+    pytest.fail(f"no /24 of 172.16.0.0/12 is free of this machine's routes: {routes}")
 
 
 @dataclass
@@ -1624,10 +1626,8 @@ def _peer_container(engine: Engine, alias: str) -> str:
 
     before = reloads()
     engine.docker("kill", "-s", "HUP", sidecar)
-    deadline = time.monotonic() + 20
-    while reloads() == before:  # the reload resolves mta_peers before it says so
-        assert time.monotonic() < deadline, "the sidecar did not reload"
-        time.sleep(0.2)
+    # the reload resolves mta_peers before it says so
+    wait_until(lambda: reloads() > before, timeout=60, interval=0.2, what="the sidecar's reload")
     return name
 
 
