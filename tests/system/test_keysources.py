@@ -868,7 +868,8 @@ def test_redis_killed_then_restarted(
     client = own_redis.client()
     seed_mailcow(client, "example.org", "dkim", pem, mailcow_pub_b64(pem))
     client.close()
-    source = redis_source(own_redis, sources, timeout=1.0)
+    # generous: the loads after the restart must succeed on a loaded machine too
+    source = redis_source(own_redis, sources, timeout=5.0)
     assert len(source.load().keys) == 1  # a pooled connection now exists
 
     own_redis.kill()
@@ -892,7 +893,9 @@ def test_redis_hung_server_times_out(
     client = own_redis.client()
     seed_mailcow(client, "example.org", "dkim", pem, mailcow_pub_b64(pem))
     client.close()
-    timeout = 0.5
+    # generous: the loads before the freeze and after the thaw must succeed on a loaded machine
+    # too; the frozen ones fail all the same, only later
+    timeout = 5.0
     warm = redis_source(own_redis, sources, timeout=timeout)
     assert len(warm.load().keys) == 1
     cold = redis_source(own_redis, sources, timeout=timeout)
@@ -903,7 +906,7 @@ def test_redis_hung_server_times_out(
         # stretch the timeout into many)
         for source, connects in ((warm, 0), (cold, 1)):
             before = connections_to(own_redis.port)
-            with pytest.raises(SourceUnavailable, match=r"no answer within 0\.5 s"):
+            with pytest.raises(SourceUnavailable, match="no answer within 5 s"):
                 load_in_time(source)
             assert len(connections_to(own_redis.port) - before) == connects
     finally:
