@@ -663,8 +663,18 @@ def test_redis_unavailable_at_start(tmp_path: Path, keys: Keys, trouble: str) ->
         config = sidecar_config(srv.port, timeout=3600)
         with running(tmp_path, config, {"REDISPASS": PASSWORD}, wait_ready=False) as s:
             assert s.proc is not None
+            # first the evidence that the key load was tried (the gauge and /readyz start at
+            # "not up", so without it the checks below would hold before any load)
             if trouble == "frozen":
                 wait_for(lambda: connected(s.proc.pid, srv.port), POLL, "a connection to Redis")
+            else:
+                wait_for(
+                    lambda: s.metric("dkim_sidecar_key_refreshes_total", result="partial") >= 1,
+                    POLL,
+                    "a failed key load",
+                )
+                line = next(x for x in s.log().splitlines() if "key source unreachable" in x)
+                assert f"redis 127.0.0.1:{srv.port}: cannot connect" in line, line
             assert s.http("/healthz")[0] == 200
             assert s.http("/readyz")[0] == 503
             assert unsigned_no_key(s.send(msg("gen.example"), RELAY))
