@@ -106,6 +106,11 @@ def test_metric_raises_on_a_name_not_exported_and_on_a_dead_endpoint(
             s.metric("dkim_sidecar_message_total", **signed)
         with pytest.raises(LookupError, match="labels"):
             s.metric("dkim_sidecar_signatures_total", algo="rsa-sha256")
+        # before any message, so the family has no sample to compare with: still refused
+        with pytest.raises(LookupError):
+            s.metric("dkim_sidecar_messages_total", outcome="signed", reasn="signed")
+        with pytest.raises(LookupError):
+            s.metric("dkim_sidecar_messages_total", outcome="signed", reason="sigend")
     finally:
         assert s.stop() == 0
     with pytest.raises(RuntimeError, match="answered nothing"):
