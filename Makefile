@@ -49,7 +49,9 @@ system-run:
 system-test:
 	$(call apt_install,$(TEST_PACKAGES))
 
-$(VENV)/.installed: pyproject.toml
+# The C helper is built by this install (an editable install does not rebuild it): a changed
+# _scan.c installs again, so the tests never run an older build than the source.
+$(VENV)/.installed: pyproject.toml milter/dkim_sidecar/dkim/_scan.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
