@@ -63,11 +63,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from miltertest import MilterConnection
 from miltertest import codec as milter_codec
 from miltertest import constants as mc
-from prometheus_client.parser import text_string_to_metric_families
 
 from harness import skips
 from harness.paths import REPO
 from harness.ports import free_port
+from harness.sidecar import metric_sample
 
 pytestmark = pytest.mark.container
 
@@ -1113,19 +1113,16 @@ def sidecar_container(
         engine.docker("rm", "-f", name, check=False)
 
 
-def _metric(sidecar: RunningSidecar, family: str, labels: Mapping[str, str]) -> float:
-    """A counter's value from the container's /metrics: 0 for labels not counted yet; an
-    unreachable endpoint or a family the sidecar does not export fails (never a silent 0)."""
+def _metric(sidecar: RunningSidecar, name: str, labels: Mapping[str, str]) -> float:
+    """A sample of the container's /metrics, checked as the harness checks a local sidecar's:
+    a typo or an endpoint that does not answer raises (never a silent 0)."""
     host, port = sidecar.metrics
-    with NO_PROXY.open(f"http://{host}:{port}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    for found in text_string_to_metric_families(text):
-        if found.name == family:
-            for sample in found.samples:
-                if sample.name == family + "_total" and sample.labels == dict(labels):
-                    return sample.value
-            return 0.0
-    raise AssertionError(f"/metrics exports no {family}:\n{text}")
+
+    def fetch() -> tuple[int, str]:
+        with NO_PROXY.open(f"http://{host}:{port}/metrics", timeout=10) as resp:
+            return resp.status, resp.read().decode()
+
+    return metric_sample(fetch, name, labels)
 
 
 def _health(engine: Engine, container: str) -> str:
@@ -1177,11 +1174,11 @@ def test_container_signs_for_relay_clients_only(
     # that at connect (an empty result from a dropped connection would prove nothing), and
     # counts it.
     not_relay = {"outcome": "skipped", "reason": "not_relay"}
-    before = _metric(sidecar_container, "dkim_sidecar_messages", not_relay)
+    before = _metric(sidecar_container, "dkim_sidecar_messages_total", not_relay)
     outside = milter_transaction(sidecar_container.milter, OUTSIDE_CLIENT, MESSAGE)
     decided = (outside.action, outside.stage, outside.signatures())
     assert decided == (mc.SMFIR_ACCEPT, "connect", []), outside
-    assert _metric(sidecar_container, "dkim_sidecar_messages", not_relay) == before + 1
+    assert _metric(sidecar_container, "dkim_sidecar_messages_total", not_relay) == before + 1
 
 
 def _apt_image_context(engine: Engine, name: str, package: str, tail: str = "") -> Path:

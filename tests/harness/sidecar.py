@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -55,14 +55,13 @@ def clean_env(**given: str) -> dict[str, str]:
 _STARTED: list[subprocess.Popen[bytes]] = []
 
 
-def kill_leftovers() -> int:
-    """SIGKILL every sidecar process still running; how many there were."""
-    left = [p for p in _STARTED if p.poll() is None]
-    for proc in left:
-        proc.kill()
-        proc.wait(10)
+def kill_leftovers() -> None:
+    """SIGKILL every sidecar process still running."""
+    for proc in _STARTED:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
     _STARTED.clear()
-    return len(left)
 
 
 class Sidecar:
@@ -178,32 +177,8 @@ class Sidecar:
             conn.close()
 
     def metric(self, name: str, **labels: str) -> float:
-        """The value of one sample from /metrics; 0 for a sample the sidecar can export but has
-        not yet (a labelled counter not yet incremented). The name, the label names and the
-        label values are first held against what the code exports (harness.promql.Catalogue):
-        a typo in any of them raises, as does an endpoint that does not answer, so a `== 0`
-        cannot pass on a typo or a dead endpoint."""
-        catalogue = _catalogue()
-        family = catalogue.family_of.get(name)
-        if family is None:
-            raise LookupError(f"the sidecar exports no metric {name!r}")
-        have = set(catalogue.labels[family]) | ({"le"} if name.endswith("_bucket") else set())
-        if set(labels) != have:
-            raise LookupError(f"{name} has the labels {sorted(have)}, not {sorted(labels)}")
-        for label, value in labels.items():
-            known = catalogue.values_of(family, label)  # None: any value (a domain)
-            if known is not None and value not in known:
-                raise LookupError(f"{name}{{{label}={value!r}}}: the sidecar never sets it")
-        status, text = self.http("/metrics")
-        if status != 200:
-            raise RuntimeError(f"/metrics of the sidecar answered {status or 'nothing'}")
-        families = {f.name: f for f in text_string_to_metric_families(text)}
-        if family not in families:  # the process runs other code than the catalogue read
-            raise LookupError(f"/metrics of the process exports no metric {name!r}")
-        for sample in families[family].samples:
-            if sample.name == name and sample.labels == labels:
-                return float(sample.value)
-        return 0.0
+        """The value of one sample from /metrics (see metric_sample)."""
+        return metric_sample(lambda: self.http("/metrics"), name, labels)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -274,6 +249,37 @@ class Sidecar:
 @cache
 def _catalogue() -> Catalogue:
     return Catalogue()
+
+
+def metric_sample(
+    fetch: Callable[[], tuple[int, str]], name: str, labels: Mapping[str, str]
+) -> float:
+    """One sample of a sidecar's /metrics, `fetch`ed as (status, text); 0 for a sample the
+    sidecar can export but has not yet (a labelled counter not yet incremented). The name, the
+    label names and the label values are first held against what the code exports
+    (harness.promql.Catalogue): a typo in any of them raises, as does an endpoint that does not
+    answer, so a `== 0` cannot pass on a typo or a dead endpoint."""
+    catalogue = _catalogue()
+    family = catalogue.family_of.get(name)
+    if family is None:
+        raise LookupError(f"the sidecar exports no metric {name!r}")
+    have = set(catalogue.labels[family]) | ({"le"} if name.endswith("_bucket") else set())
+    if set(labels) != have:
+        raise LookupError(f"{name} has the labels {sorted(have)}, not {sorted(labels)}")
+    for label, value in labels.items():
+        known = catalogue.values_of(family, label)  # None: any value (a domain)
+        if known is not None and value not in known:
+            raise LookupError(f"{name}{{{label}={value!r}}}: the sidecar never sets it")
+    status, text = fetch()
+    if status != 200:
+        raise RuntimeError(f"/metrics of the sidecar answered {status or 'nothing'}")
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    if family not in families:  # the process runs other code than the catalogue read
+        raise LookupError(f"/metrics of the process exports no metric {name!r}")
+    for sample in families[family].samples:
+        if sample.name == name and sample.labels == dict(labels):
+            return float(sample.value)
+    return 0.0
 
 
 def dns_table(keys: list[SigningKey]) -> dict[str, str]:

@@ -42,6 +42,7 @@ from dkim_sidecar.keysources.local import (
 )
 from dkim_sidecar.keysources.mailcow import NetworksFrom, RedisKeySource
 from dkim_sidecar.keysources.specs import RedisSource
+from harness import procfs
 from harness.paths import VECTORS
 from harness.redis import (
     RedisServer,
@@ -851,14 +852,7 @@ def load_in_time(source: KeySource) -> SourceResult:
 def connections_to(port: int) -> set[int]:
     """The client ports of the TCP connections to 127.0.0.1:`port` the kernel knows of. A
     frozen Redis never accepts or closes one, so each new port is one connection attempt."""
-    found = set()
-    with open("/proc/net/tcp") as f:
-        next(f)
-        for line in f:
-            local, remote, state = line.split()[1:4]
-            if int(local.split(":")[1], 16) == port and state != "0A":  # 0A: the listener
-                found.add(int(remote.split(":")[1], 16))
-    return found
+    return {t.remote[1] for t in procfs.tcp_sockets() if t.local_port == port and t.state != "0A"}
 
 
 def test_redis_killed_then_restarted(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import os
 import re
 import secrets
 import subprocess
@@ -32,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from dkim_sidecar.dkim.header import split_message
 from dkim_sidecar.milter.client import Result
+from harness import procfs
 from harness.dkimcheck import verify_all as verify
 from harness.redis import (
     RedisServer,
@@ -618,26 +618,11 @@ def test_redis_killed_mid_run_then_back(tmp_path: Path, keys: Keys) -> None:
 
 def connected(pid: int, port: int) -> bool:
     """Has process `pid` an established TCP connection to 127.0.0.1:`port`?"""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if link.startswith("socket:["):
-                inodes.add(int(link[len("socket:[") : -1]))
-    with open(f"/proc/{pid}/net/tcp") as f:
-        next(f)  # the column names
-        for line in f:
-            cols = line.split()
-            remote, state, inode = cols[2], cols[3], int(cols[9])
-            if state == "01" and remote == f"0100007F:{port:04X}" and inode in inodes:
-                return True
-    return False
-
-
-def stopped(pid: int) -> bool:
-    """Is process `pid` stopped (SIGSTOP)?"""
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rpartition(")")[2].split()[0] == "T"
+    mine = procfs.socket_inodes(pid)
+    return any(
+        t.state == "01" and t.remote == ("127.0.0.1", port) and t.inode in mine
+        for t in procfs.tcp_sockets()
+    )
 
 
 @pytest.mark.parametrize("trouble", ["down", "frozen"])
@@ -681,7 +666,7 @@ def test_redis_unavailable_at_start(tmp_path: Path, keys: Keys, trouble: str) ->
             assert s.metric("dkim_sidecar_redis_up") == 0
             # all of this was answered while Redis could not answer
             if trouble == "frozen":
-                assert srv.pid is not None and stopped(srv.pid)
+                assert srv.pid is not None and procfs.stopped(srv.pid)
                 srv.thaw()
             else:
                 assert not srv.running
