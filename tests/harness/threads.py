@@ -5,6 +5,18 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def call_in_thread(fn: Callable[[], T], timeout: float = 60) -> T:
+    """fn() in a thread: its result, or its exception raised here. A call that never returns
+    fails the test after `timeout` seconds (generous: how fast is for the benchmarks) instead of
+    hanging the suite."""
+    done: list[T] = []
+    run_threads(1, lambda _: done.append(fn()), timeout=timeout)
+    return done[0]
 
 
 def run_threads(n: int, target: Callable[[int], None], timeout: float = 120) -> None:

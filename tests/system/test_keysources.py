@@ -53,6 +53,7 @@ from harness.redis import (
     seed_forwarding_name,
     seed_mailcow,
 )
+from harness.threads import call_in_thread
 
 ED_PREFIX = "DKIM_ED25519_"
 
@@ -829,26 +830,6 @@ def test_redis_password_never_logged(
 # -- Redis only: outages ---------------------------------------------------------------------
 
 
-def load_in_time(source: KeySource) -> SourceResult:
-    """source.load() in a thread: a load that never gives up fails the test instead of hanging
-    the suite. The wait is generous: how fast it gives up is for the benchmarks."""
-    done: list[SourceResult | BaseException] = []
-
-    def load() -> None:
-        try:
-            done.append(source.load())
-        except BaseException as e:  # handed to the test thread
-            done.append(e)
-
-    worker = threading.Thread(target=load, daemon=True)
-    worker.start()
-    worker.join(60)
-    assert done, "the load did not give up"
-    if isinstance(done[0], BaseException):
-        raise done[0]
-    return done[0]
-
-
 def connections_to(port: int) -> set[int]:
     """The client ports of the TCP connections to 127.0.0.1:`port` the kernel knows of. A
     frozen Redis never accepts or closes one, so each new port is one connection attempt."""
@@ -868,7 +849,7 @@ def test_redis_killed_then_restarted(
 
     own_redis.kill()
     with pytest.raises(SourceUnavailable, match="cannot connect") as info:
-        load_in_time(source)
+        call_in_thread(source.load)
     assert own_redis.address in str(info.value)
     assert own_redis.password not in _chain_text(info.value)
 
@@ -901,7 +882,7 @@ def test_redis_hung_server_times_out(
         for source, connects in ((warm, 0), (cold, 1)):
             before = connections_to(own_redis.port)
             with pytest.raises(SourceUnavailable, match="no answer within 5 s"):
-                load_in_time(source)
+                call_in_thread(source.load)
             assert len(connections_to(own_redis.port) - before) == connects
     finally:
         own_redis.thaw()
