@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dkim_sidecar.config import parse_config
@@ -131,7 +131,7 @@ def signed(msg: bytes, out: bytes) -> bytes:
     return apply_changes(msg, result, leadspc=True)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40)
 @given(
     cuts=st.lists(st.integers(min_value=1, max_value=300_000), min_size=1, max_size=8),
     body_kb=st.sampled_from([0, 3, 200]),

@@ -606,7 +606,6 @@ def test_fuzzed_messages_never_error_and_what_is_signed_verifies(sidecar: Sideca
 
     @settings(
         max_examples=250,
-        deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
     @given(message=messages(), chunk=st.integers(1, 200))
@@ -704,7 +703,7 @@ def test_random_command_sequences_never_crash_the_milter(sidecar: Sidecar, dns) 
     assert sidecar.proc is not None
     errors = count(sidecar, "error")
 
-    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=300)
     @given(
         head=st.sampled_from([[_NEGOTIATE], [_NEGOTIATE], [_NEGOTIATE], []]),
         frames=st.lists(_COMMANDS, max_size=25),

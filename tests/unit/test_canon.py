@@ -200,7 +200,7 @@ value_pieces = st.one_of(
 field_values = st.lists(value_pieces, max_size=12).map(lambda p: b"".join(p) + CRLF)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400)
 @given(name=field_names, value=field_values)
 @example(name=b"B ", value=b" Y\t\r\n\tZ  \r\n")
 @example(name=b"Subject", value=b"\r\n \r\n\t\r\n")
@@ -209,7 +209,7 @@ def test_header_relaxed_matches_dkimpy(name: bytes, value: bytes) -> None:
     assert canon_header_relaxed(name + b":" + value) == dname + b":" + dvalue
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100)
 @given(name=field_names, value=field_values)
 def test_header_simple_matches_dkimpy(name: bytes, value: bytes) -> None:
     ((dname, dvalue),) = Simple.canonicalize_headers([(name, value)])
@@ -284,7 +284,7 @@ def dkimpy_comparable(canon: Canon, body: bytes) -> bool:
 
 
 @pytest.mark.parametrize("canon", list(Canon))
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(data=st.data())
 def test_body_streaming_matches_dkimpy(canon: Canon, data: st.DataObject) -> None:
     body = data.draw(bodies)
@@ -298,7 +298,7 @@ def test_body_streaming_matches_dkimpy(canon: Canon, data: st.DataObject) -> Non
 
 
 @pytest.mark.parametrize("canon", list(Canon))
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(data=st.data())
 def test_body_streaming_matches_rfc_transcription(canon: Canon, data: st.DataObject) -> None:
     # No restriction on the last line here: rfc_body() follows §3.4.4 (a) for it.

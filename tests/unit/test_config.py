@@ -8,7 +8,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from dkim_sidecar.config import (
@@ -989,7 +989,6 @@ def _mapped(addr: IPv4Address) -> IPv6Address:
     return IPv6Address(int(_MAPPED.network_address) | int(addr))
 
 
-@settings(deadline=None)
 @given(
     st.lists(st.one_of(_v4_nets, _v6_nets, _mapped_nets), max_size=4),
     st.lists(st.integers(0, 2**32 - 1), max_size=6),

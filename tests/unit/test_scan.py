@@ -41,7 +41,7 @@ def python_edge() -> edges.BodyEdge:
 
 
 @needs_c
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(lines=st.lists(octets.map(lambda b: b.replace(b"\r\n", b"") + b"\r\n"), max_size=20))
 def test_relaxed_whitespace_c_and_python_agree(lines: list[bytes]) -> None:
     assert helper is not None
@@ -50,7 +50,7 @@ def test_relaxed_whitespace_c_and_python_agree(lines: list[bytes]) -> None:
 
 
 @needs_c
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(body=octets, cuts=st.lists(st.integers(0, 400), max_size=8))
 def test_body_edge_c_and_python_agree(body: bytes, cuts: list[int]) -> None:
     points = sorted({min(c, len(body)) for c in cuts} | {0, len(body)})

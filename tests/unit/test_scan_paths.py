@@ -125,7 +125,7 @@ def reference_edge(
 
 # 998: the product's limit; 63 and 62: the smallest that the SIMD edge takes (a line cannot
 # pass it inside one block) and the largest that goes to the word-at-a-time loop instead
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400)
 @given(
     data=st.one_of(blocks, long_lines),
     prev=st.sampled_from([0, 13, 32, 97]),
@@ -189,7 +189,7 @@ def test_short_limits_measure_each_line_inside_a_block(
                     assert bool(expected[0] & helper.LONG_LINE) is (n > limit)
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=500)
 @given(data=blocks)
 def test_relax_every_build_equals_python(builds: dict[str, ModuleType], data: bytes) -> None:
     expected = canon._relax_wsp_python(data)
@@ -221,7 +221,7 @@ def test_relax_wsp_runs_and_line_ends_across_blocks(builds: dict[str, ModuleType
             assert helper.relax(data) == canon._relax_wsp_python(data), (name, at, tail)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(body=blocks, cuts=st.lists(st.integers(0, 250), max_size=6))
 def test_streaming_python_and_c_whitespace_agree(
     builds: dict[str, ModuleType], body: bytes, cuts: list[int]

@@ -545,7 +545,7 @@ def test_8bit_and_folded_fields_verify(rsa1024: SigningKey, ed: SigningKey, c: s
 # --- streaming: the chunking never shows in the signature ---------------------------------------
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(
     body=st.lists(
         st.sampled_from([b"a", b"bc ", b" ", b"\t", b"\r\n", b"\r", b"\xc3\xa9", b"  \r\n"]),
